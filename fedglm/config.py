@@ -1,0 +1,334 @@
+"""Typed configuration: YAML files become frozen, validated objects at the CLI edge.
+
+Every section is a frozen pydantic model that forbids unknown keys. `load_config` turns any
+problem (missing file, YAML syntax, unknown key, wrong type, impossible value) into one
+`InputError` line naming the file, the key, the value and what is expected. Relative paths in a
+file are resolved against that file's folder, so a config means the same from any directory.
+
+Functions below the CLI take flat arguments, not these objects (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from fedglm.errors import InputError
+from fedglm.model import GLMArgs
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PortNumber = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value.absolute()
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # about 0.1 M parameters: tests and the quick start
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 176, "max_seq_len": 128},
+    # about 3.3 M parameters: benchmarks on a CPU
+    "small": {"d_model": 256, "n_layers": 4, "n_heads": 8, "d_ff": 688, "max_seq_len": 256},
+    # about 25 M parameters: benchmarks on a GPU
+    "base": {"d_model": 512, "n_layers": 8, "n_heads": 8, "d_ff": 1376, "max_seq_len": 512},
+}
+
+
+class ModelConfig(_Section):
+    """Shape of the GLM-style decoder. `preset` fills the sizes; explicit keys override it."""
+
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    d_model: int = Field(default=64, ge=8)
+    n_layers: int = Field(default=2, ge=1)
+    n_heads: int = Field(default=4, ge=1)
+    d_ff: int = Field(default=176, ge=8)
+    max_seq_len: int = Field(default=128, ge=8)
+    rope_base: float = Field(default=10000.0, gt=1.0)
+    norm_eps: float = Field(default=1e-5, gt=0.0)
+    init_seed: int = 0
+
+    def glm_args(self) -> GLMArgs:
+        sizes = self.model_dump(exclude={"preset", "init_seed"})
+        return GLMArgs(**sizes)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = data.get("preset", "tiny")
+            if isinstance(preset, str) and preset in MODEL_PRESETS:
+                data = {**MODEL_PRESETS[preset], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"head size d_model/n_heads = {self.d_model // self.n_heads} must be even "
+                "for rotary embeddings"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    """Local training on each site, sent by the coordinator to every client each round."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=3e-3, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    local_steps: int | None = Field(default=20, ge=1)
+    local_epochs: float | None = Field(default=None, gt=0.0)
+    batch_size: int = Field(default=16, ge=1)
+    seq_len: int = Field(default=128, ge=8)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    precision: Precision = "auto"
+    eval_batch_size: int = Field(default=32, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs (the other to null)")
+        return self
+
+
+class FederationConfig(_Section):
+    """What the coordinator runs: rounds, sampling, aggregation, model and local training."""
+
+    rounds: int = Field(default=3, ge=1)
+    min_clients: int = Field(default=2, ge=1)
+    fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
+    weighting: Literal["uniform", "records"] = "uniform"
+    round_timeout_s: float = Field(default=900.0, gt=0.0)
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> FederationConfig:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
+                f"({self.model.max_seq_len})"
+            )
+        return self
+
+
+class TLSConfig(_Section):
+    """The coordinator's certificate authority and server certificate (see `fedglm certs`)."""
+
+    ca_cert: ConfigPath
+    server_cert: ConfigPath
+    server_key: ConfigPath
+
+
+class CoordinatorConfig(_Section):
+    """`fedglm server`: where the SuperLink listens, TLS, the federation, and the run folder."""
+
+    host: str = "0.0.0.0"
+    port: PortNumber = 9092
+    tls: TLSConfig | None = None
+    out_dir: ConfigPath = Path("runs/coordinator")
+    resume: bool = True
+    federation: FederationConfig = FederationConfig()
+
+
+class DataConfig(_Section):
+    """A site's records: a CSV column, a JSONL field, or a folder of .txt files (UTF-8)."""
+
+    path: ConfigPath
+    format: Literal["csv", "jsonl", "txt"] | None = None
+    field: str | None = None
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class ShareConfig(_Section):
+    """What a site declares public. Everything else computed from its records stays private.
+
+    `loss`: report training and validation loss to the coordinator (data-dependent values:
+    with DP on, they are noised before they leave). `record_count`: allow record-count weights.
+    """
+
+    loss: bool = True
+    record_count: bool = False
+
+
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_site_name(value: str) -> str:
+    if not _SITE_NAME.match(value):
+        raise ValueError(
+            "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+SiteName = Annotated[str, AfterValidator(_check_site_name)]
+
+
+class SiteSpec(_Section):
+    """One site as its ClientApp sees it: its name, its records, what it shares, its state."""
+
+    name: SiteName
+    data: DataConfig
+    share: ShareConfig = ShareConfig()
+    state_dir: ConfigPath | None = None
+
+
+class HospitalConfig(_Section):
+    """`fedglm client`: the site's name, the coordinator to reach, its data and local state."""
+
+    site: SiteName
+    coordinator: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")
+    ca_cert: ConfigPath | None = None
+    runtime_port: PortNumber = 9094
+    state_dir: ConfigPath = Path("fedglm-state")
+    data: DataConfig
+    share: ShareConfig = ShareConfig()
+
+    def site_spec(self) -> SiteSpec:
+        return SiteSpec(name=self.site, data=self.data, share=self.share, state_dir=self.state_dir)
+
+
+class GeneratedCorpusConfig(_Section):
+    """The built-in corpus: clinical-style notes, non-IID across sites, made deterministically."""
+
+    sites: int = Field(default=3, ge=1, le=64)
+    records_per_site: int = Field(default=150, ge=4)
+    seed: int = 0
+
+
+class SimulateConfig(_Section):
+    """`fedglm simulate`: the whole federation on 127.0.0.1; sites from files or generated."""
+
+    federation: FederationConfig = FederationConfig(min_clients=3)
+    sites: list[SiteSpec] | None = None
+    generated: GeneratedCorpusConfig = GeneratedCorpusConfig()
+
+    @model_validator(mode="after")
+    def _enough_sites(self) -> SimulateConfig:
+        n_sites = len(self.sites) if self.sites is not None else self.generated.sites
+        if self.sites is not None:
+            names = [s.name for s in self.sites]
+            if len(set(names)) != len(names):
+                raise ValueError(f"site names must be unique, got {names}")
+        if self.federation.min_clients > n_sites:
+            raise ValueError(
+                f"federation.min_clients ({self.federation.min_clients}) is more than the "
+                f"{n_sites} simulated sites"
+            )
+        return self
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def load_config(path: Path, cls: type[ConfigT]) -> ConfigT:
+    """Read a YAML file into `cls`, or raise one `InputError` line saying what to fix."""
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist (or is not a file)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return validate_config(data, cls, source=str(path), base_dir=path.parent)
+
+
+def validate_config(
+    data: dict[str, Any], cls: type[ConfigT], *, source: str, base_dir: Path | None = None
+) -> ConfigT:
+    """Validate a mapping into `cls`; errors become one `InputError` line."""
+    try:
+        return cls.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise InputError(f"{source}: {describe_validation_error(exc, cls)}") from None
+
+
+def describe_validation_error(exc: ValidationError, cls: type[BaseModel]) -> str:
+    """The first problem in `exc` as 'key = value: what is expected' (plus a count of others)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = [part for part in first["loc"] if not isinstance(part, str) or part]
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(cls, loc[:-1])
+        message = f"unknown key '{key}'" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+    elif first["type"] == "missing":
+        message = f"missing required key '{key}'"
+    else:
+        reason = first["msg"].removeprefix("Value error, ")
+        value = first.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        message = f"{key}{shown}: {reason}"
+    more = len(errors) - 1
+    return message + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def _allowed_keys(cls: type[BaseModel], loc: list[Any]) -> list[str]:
+    current: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+class RunSpec(_Section):
+    """What `fedglm server` hands to its ServerApp: written as JSON into the run folder."""
+
+    federation: FederationConfig
+    out_dir: ConfigPath
+    resume: bool = True

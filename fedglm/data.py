@@ -1,0 +1,190 @@
+"""A site's records: reading them, splitting them, and turning them into byte-level batches.
+
+A *record* is one patient note or one document. It is the unit of sampling (and, with DP, the
+unit of privacy): a training example is one window of one record, and a batch never holds two
+windows of the same record. The train / validation split is by record and deterministic: a
+record's side depends only on its text and the split seed, not on file order.
+
+Sources: a CSV column, a JSONL field, or a folder of `.txt` files (one record each), all UTF-8.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from fedglm.errors import InputError
+from fedglm.model import BOS_ID, EOS_ID
+
+IGNORE_INDEX = -100
+DataFormat = Literal["csv", "jsonl", "txt"]
+
+
+def infer_format(path: Path) -> DataFormat:
+    if path.is_dir():
+        return "txt"
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    raise InputError(
+        f"data.path {path}: cannot tell the format from the name; set data.format to csv, jsonl "
+        "or txt (a folder of .txt files)"
+    )
+
+
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"{path}: not valid UTF-8 at byte {exc.start} (line {line}); re-encode the file as UTF-8"
+        ) from None
+
+
+def load_records(path: Path, fmt: DataFormat | None = None, field: str | None = None) -> list[str]:
+    """Read the non-empty records of a CSV column, a JSONL field or a folder of .txt files."""
+    if not path.exists():
+        raise InputError(f"data.path {path} does not exist; point it at the site's CSV, JSONL or folder")
+    fmt = fmt or infer_format(path)
+    if fmt in ("csv", "jsonl") and not field:
+        raise InputError(f"data.field is required for {fmt} data ({path}): name the text column")
+    if fmt == "txt":
+        records = _read_txt_folder(path)
+    elif fmt == "csv":
+        assert field is not None
+        records = _read_csv(path, field)
+    else:
+        assert field is not None
+        records = _read_jsonl(path, field)
+    records = [r for r in records if r.strip()]
+    if not records:
+        raise InputError(f"{path}: no non-empty records found")
+    return records
+
+
+def _read_txt_folder(path: Path) -> list[str]:
+    if not path.is_dir():
+        raise InputError(f"data.path {path}: format txt needs a folder of .txt files")
+    files = sorted(path.glob("*.txt"))
+    if not files:
+        raise InputError(f"data.path {path}: the folder holds no .txt files")
+    return [_read_utf8(f) for f in files]
+
+
+def _read_csv(path: Path, column: str) -> list[str]:
+    csv.field_size_limit(1 << 30)
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+    header = reader.fieldnames or []
+    if column not in header:
+        raise InputError(
+            f"{path}: no column '{column}' (data.field); columns are: {', '.join(header) or 'none'}"
+        )
+    try:
+        return [row[column] or "" for row in reader]
+    except csv.Error as exc:
+        raise InputError(f"{path}: malformed CSV at line {reader.line_num}: {exc}") from None
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    records = []
+    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or field not in obj:
+            raise InputError(f"{path}: line {number} has no field '{field}' (data.field)")
+        value = obj[field]
+        if value is not None and not isinstance(value, str):
+            raise InputError(
+                f"{path}: line {number}: field '{field}' is {type(value).__name__}, expected text"
+            )
+        records.append(value or "")
+    return records
+
+
+@dataclass(frozen=True)
+class SiteData:
+    train: list[str]
+    val: list[str]
+
+
+def split_records(records: Sequence[str], val_fraction: float, seed: int) -> SiteData:
+    """Split by record, deterministically from each record's text and `seed`."""
+    train, val = [], []
+    for text in records:
+        digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+        draw = int.from_bytes(digest[:8], "big") / 2**64
+        (val if draw < val_fraction else train).append(text)
+    if not val and len(train) > 1:
+        val.append(train.pop())
+    if not train:
+        raise InputError(
+            f"only {len(records)} record(s): too few to keep any for training; add records "
+            "or lower data.val_fraction"
+        )
+    return SiteData(train=train, val=val)
+
+
+def encode(text: str) -> list[int]:
+    """Byte-level tokens of one record, framed by BOS and EOS."""
+    return [BOS_ID, *text.encode("utf-8"), EOS_ID]
+
+
+def sample_batches(
+    records: Sequence[list[int]], *, batch_size: int, seq_len: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (inputs, targets) batches: each row a random window of a distinct record.
+
+    Records are drawn without replacement within a batch, so one record never gives two
+    examples to a batch. Short records are padded; padded targets are IGNORE_INDEX.
+    """
+    rows = min(batch_size, len(records))
+    while True:
+        picks = torch.randperm(len(records), generator=generator)[:rows].tolist()
+        inputs = torch.full((rows, seq_len), EOS_ID, dtype=torch.long)
+        targets = torch.full((rows, seq_len), IGNORE_INDEX, dtype=torch.long)
+        for row, index in enumerate(picks):
+            tokens = records[index]
+            span = len(tokens) - 1
+            start = 0
+            if span > seq_len:
+                start = int(torch.randint(0, span - seq_len + 1, (1,), generator=generator))
+            window = torch.tensor(tokens[start : start + seq_len + 1], dtype=torch.long)
+            n = window.numel() - 1
+            inputs[row, :n] = window[:-1]
+            targets[row, :n] = window[1:]
+        yield inputs, targets
+
+
+def eval_windows(
+    records: Sequence[list[int]], *, seq_len: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every predicted token of every record exactly once, in non-overlapping windows."""
+    windows: list[list[int]] = []
+    for tokens in records:
+        for start in range(0, len(tokens) - 1, seq_len):
+            windows.append(tokens[start : start + seq_len + 1])
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        inputs = torch.full((len(chunk), seq_len), EOS_ID, dtype=torch.long)
+        targets = torch.full((len(chunk), seq_len), IGNORE_INDEX, dtype=torch.long)
+        for row, window in enumerate(chunk):
+            n = len(window) - 1
+            inputs[row, :n] = torch.tensor(window[:-1])
+            targets[row, :n] = torch.tensor(window[1:])
+        yield inputs, targets

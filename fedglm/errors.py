@@ -1,0 +1,25 @@
+"""Errors a user can cause, and the exit codes the CLI maps them to.
+
+Exit codes (a contract, see README): 0 success; 1 a check failed; 2 bad usage or bad input.
+Every message is one line that names what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class FedglmError(Exception):
+    """Base class: an expected failure with a one-line message for the user."""
+
+    exit_code = 1
+
+
+class InputError(FedglmError):
+    """Bad usage or bad input (config, data file, certificate, port): exit code 2."""
+
+    exit_code = 2
+
+
+class CheckFailed(FedglmError):
+    """A run or check did not succeed (a failed run, a failed verification): exit code 1."""
+
+    exit_code = 1

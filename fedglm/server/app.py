@@ -1,0 +1,97 @@
+"""The fedglm ServerApp: runs inside Flower's `flwr-serverapp` process on the coordinator.
+
+`fedglm server` writes the run's spec (`run-spec.json`) into the run folder and passes its path
+as the run config value `fedglm-spec`. The app builds the model from the seed (or resumes from
+the folder's checkpoint), runs the rounds with `FedglmAvg`, and after every round writes the
+checkpoint (atomically) and then the round's metrics line.
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedglm import metrics
+from fedglm.atomic import atomic_write_text
+from fedglm.config import RunSpec
+from fedglm.errors import InputError
+from fedglm.model import build_model
+from fedglm.payload import expected_shapes, round_config, state_record
+from fedglm.server.checkpoint import Checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
+from fedglm.server.rounds import run_rounds
+from fedglm.server.strategy import FedglmAvg
+
+SPEC_KEY = "fedglm-spec"
+SPEC_NAME = "run-spec.json"
+
+app = ServerApp()
+
+
+def read_spec(context: Context) -> RunSpec:
+    path = context.run_config.get(SPEC_KEY)
+    if not isinstance(path, str):
+        raise InputError(f"run config has no '{SPEC_KEY}': start runs with `fedglm server`")
+    return RunSpec.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    spec = read_spec(context)
+    run_federation(grid, spec)
+
+
+def run_federation(grid: Grid, spec: RunSpec) -> None:
+    fed = spec.federation
+    out_dir = spec.out_dir
+    model = build_model(fed.model.glm_args(), fed.model.init_seed)
+    fingerprint = model_fingerprint(fed.model.model_dump())
+    first_round = 1
+    checkpoint = load_checkpoint(out_dir) if spec.resume else None
+    if checkpoint is not None:
+        if checkpoint.fingerprint != fingerprint:
+            raise InputError(
+                f"{out_dir}: its checkpoint is of another model shape; use a new out_dir"
+            )
+        model.load_state_dict(checkpoint.state)
+        first_round = checkpoint.round + 1
+        metrics.truncate_after(out_dir, checkpoint.round)
+        log(INFO, "Resuming from the checkpoint of round %d", checkpoint.round)
+    elif (out_dir / metrics.METRICS_NAME).exists():
+        metrics.truncate_after(out_dir, 0)
+
+    if first_round > fed.rounds:
+        log(INFO, "All %d rounds are already done in %s", fed.rounds, out_dir)
+        return
+
+    strategy = FedglmAvg(
+        expected=expected_shapes(model),
+        min_clients=fed.min_clients,
+        fraction_train=fed.fraction_train,
+        weighting=fed.weighting,
+    )
+    strategy.summary()
+
+    def persist(server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
+        state = arrays.to_torch_state_dict(keep_input=True)
+        save_checkpoint(out_dir, Checkpoint(round=server_round, state=dict(state), fingerprint=fingerprint))
+        metrics.append_round(out_dir, row)
+        log(INFO, "round %d: %s", server_round, row)
+
+    run_rounds(
+        grid,
+        strategy,
+        arrays=state_record(model),
+        first_round=first_round,
+        last_round=fed.rounds,
+        train_config=ConfigRecord(
+            round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)
+        ),
+        timeout=fed.round_timeout_s,
+        on_round=persist,
+    )
+    atomic_write_text(out_dir / "DONE", f"{fed.rounds}\n")

@@ -1,0 +1,66 @@
+"""The coordinator's checkpoint: the global model after the last finished round.
+
+`checkpoint.pt` in the run folder is replaced atomically after every round, so a killed server
+always finds either the previous or the new checkpoint, never a torn one. It records the round,
+the model's weights, and a fingerprint of the model's shape: resuming with a different model is
+refused rather than silently mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedglm.atomic import atomic_write
+from fedglm.errors import InputError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def model_fingerprint(model_config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    state: dict[str, torch.Tensor]
+    fingerprint: str
+
+
+def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
+    path = out_dir / CHECKPOINT_NAME
+    payload = {
+        "format": FORMAT_VERSION,
+        "round": checkpoint.round,
+        "fingerprint": checkpoint.fingerprint,
+        "state": checkpoint.state,
+    }
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+    return path
+
+
+def load_checkpoint(out_dir: Path) -> Checkpoint | None:
+    """The run folder's checkpoint, or None if there is none yet."""
+    path = out_dir / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload["format"] != FORMAT_VERSION:
+            raise InputError(f"{path}: checkpoint format {payload['format']} is not supported")
+        return Checkpoint(
+            round=int(payload["round"]), state=payload["state"], fingerprint=payload["fingerprint"]
+        )
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"{path}: unreadable checkpoint ({type(exc).__name__}); move it away to start afresh"
+        ) from None
