@@ -3,7 +3,7 @@
 Files written to the output folder (keys are mode 0600 and never leave the coordinator):
   ca.crt       the CA certificate: give it to every hospital (their `ca_cert`)
   ca.key       the CA's private key: keep it offline
-  server.pem   the SuperLink's certificate, with the subject alternative names asked for
+  server.pem   the SuperLink's certificate, for the hosts asked for plus 127.0.0.1 and localhost
   server.key   the SuperLink's private key
 Keys are ECDSA P-256; certificates are signed with SHA-256.
 """
@@ -25,6 +25,7 @@ from fedglm.atomic import atomic_write
 from fedglm.errors import InputError
 
 CERT_FILES = ("ca.crt", "ca.key", "server.pem", "server.key")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ def make_certificates(
     existing = [p for p in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key) if p.exists()]
     if existing and not overwrite:
         raise InputError(f"{existing[0]} already exists; use another --out folder or --force")
+    # Flower's own helper processes on the coordinator reach the SuperLink over loopback.
+    hosts = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
     sans = _subject_alt_names(hosts)
     now = dt.datetime.now(dt.UTC)
     not_after = now + dt.timedelta(days=days)

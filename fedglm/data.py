@@ -83,18 +83,24 @@ def _read_txt_folder(path: Path) -> list[str]:
     return [_read_utf8(f) for f in files]
 
 
-def _read_csv(path: Path, column: str) -> list[str]:
+def read_csv_columns(path: Path, columns: Sequence[str], what: str = "data.field") -> list[list[str]]:
+    """The values of `columns` in every row of a UTF-8 CSV file."""
     csv.field_size_limit(1 << 30)
     reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
     header = reader.fieldnames or []
-    if column not in header:
-        raise InputError(
-            f"{path}: no column '{column}' (data.field); columns are: {', '.join(header) or 'none'}"
-        )
+    for column in columns:
+        if column not in header:
+            raise InputError(
+                f"{path}: no column '{column}' ({what}); columns are: {', '.join(header) or 'none'}"
+            )
     try:
-        return [row[column] or "" for row in reader]
+        return [[row[c] or "" for c in columns] for row in reader]
     except csv.Error as exc:
         raise InputError(f"{path}: malformed CSV at line {reader.line_num}: {exc}") from None
+
+
+def _read_csv(path: Path, column: str) -> list[str]:
+    return [values[0] for values in read_csv_columns(path, [column])]
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:

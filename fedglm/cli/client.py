@@ -1,0 +1,72 @@
+"""`fedglm client`: a hospital joins the federation. Its records never leave this machine."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedglm.atomic import atomic_write_text
+from fedglm.certs import check_certificate_file
+from fedglm.cli.common import reports_errors
+from fedglm.cli.progress import status
+from fedglm.clients.app import SITE_NAME
+from fedglm.clients.supernode import preflight, start_supernode
+from fedglm.config import HospitalConfig, load_config
+from fedglm.errors import CheckFailed, InputError
+from fedglm.server.superlink import check_insecure_allowed
+from fedglm.simulate import check_site_data
+
+
+@reports_errors
+def client(
+    config: Annotated[Path, typer.Option(help="Hospital YAML (see clients/hospital.yaml).")],
+    insecure: Annotated[
+        bool, typer.Option(help="Connect without TLS (refused unless the coordinator is loopback).")
+    ] = False,
+    give_up_after: Annotated[
+        float | None,
+        typer.Option(help="Stop retrying an unreachable coordinator after this many seconds."),
+    ] = None,
+) -> None:
+    """Check the site's data and the coordinator, then run a SuperNode until Ctrl-C."""
+    cfg = load_config(config, HospitalConfig)
+    ca_cert = _ca_cert(cfg, insecure, config)
+    records = check_site_data(cfg.site_spec())
+    status(f"{cfg.site}: {records} records in {cfg.data.path}")
+    spec_path = cfg.state_dir / SITE_NAME
+    atomic_write_text(spec_path, cfg.site_spec().model_dump_json(indent=2) + "\n")
+
+    def retrying(problem: str, delay: float) -> None:
+        status(f"coordinator {cfg.coordinator} unreachable ({problem}); retrying in {delay:.0f} s")
+
+    preflight(cfg.coordinator, ca_cert, give_up_after=give_up_after, on_retry=retrying)
+    node = start_supernode(
+        coordinator=cfg.coordinator, ca_cert=ca_cert, runtime_port=cfg.runtime_port,
+        site_spec=spec_path, home=cfg.state_dir / "flower",
+    )
+    status(f"{cfg.site}: connected to {cfg.coordinator}; training when the coordinator asks "
+           f"(log: {node.log_path}); Ctrl-C to leave")
+    try:
+        while node.alive():
+            time.sleep(1.0)
+        raise CheckFailed(f"the SuperNode exited (code {node.popen.returncode}): {node.log_tail()}")
+    except KeyboardInterrupt:
+        status(f"{cfg.site}: leaving the federation")
+    finally:
+        node.stop()
+
+
+def _ca_cert(cfg: HospitalConfig, insecure: bool, path: Path) -> Path | None:
+    host = cfg.coordinator.rsplit(":", 1)[0]
+    if insecure:
+        if cfg.ca_cert is not None:
+            raise InputError(f"{path} sets ca_cert but --insecure was given; drop one of them")
+        check_insecure_allowed(host, "coordinator")
+        return None
+    if cfg.ca_cert is None:
+        raise InputError(f"{path}: set ca_cert to the coordinator's ca.crt (or --insecure on loopback)")
+    check_certificate_file(cfg.ca_cert, "ca_cert")
+    return cfg.ca_cert

@@ -1,0 +1,20 @@
+"""The `fedglm` command: one typer app, one module per command."""
+
+from __future__ import annotations
+
+import typer
+
+from fedglm.cli import certs, client, partition, server, simulate
+
+app = typer.Typer(
+    name="fedglm",
+    help="Federated, differentially private fine-tuning of a GLM-style language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("simulate")(simulate.simulate)
+app.command("server")(server.server)
+app.command("client")(client.client)
+app.command("certs")(certs.certs)
+app.command("partition")(partition.partition)

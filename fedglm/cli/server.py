@@ -1,0 +1,59 @@
+"""`fedglm server`: the coordinator. Starts the SuperLink, runs the federation, stops cleanly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedglm.cli.common import reports_errors
+from fedglm.cli.progress import print_round, print_table, status
+from fedglm.config import CoordinatorConfig, load_config
+from fedglm.errors import InputError
+from fedglm.metrics import METRICS_NAME
+from fedglm.server.coordinator import execute_run, write_spec
+from fedglm.server.superlink import TLSFiles, check_insecure_allowed, start_superlink
+
+
+@reports_errors
+def server(
+    config: Annotated[Path, typer.Option(help="Coordinator YAML (see server/coordinator.yaml).")],
+    insecure: Annotated[
+        bool, typer.Option(help="Run without TLS (refused unless host is a loopback address).")
+    ] = False,
+) -> None:
+    """Start the SuperLink, submit the fedglm app, and follow it round by round."""
+    cfg = load_config(config, CoordinatorConfig)
+    tls = _tls(cfg, insecure, config)
+    fed = cfg.federation
+    spec_path = write_spec(cfg.out_dir, fed, resume=cfg.resume)
+    superlink = start_superlink(
+        host=cfg.host, port=cfg.port, tls=tls, home=cfg.out_dir / "flower" / "superlink"
+    )
+    try:
+        status(f"SuperLink listening on {cfg.host}:{cfg.port} ({'TLS' if tls else 'no TLS'}); "
+               f"waiting for {fed.min_clients} hospital(s)")
+        local = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        rows = execute_run(
+            superlink=superlink, address=f"{local}:{cfg.port}", ca_cert=tls.ca_cert if tls else None,
+            spec_path=spec_path, out_dir=cfg.out_dir,
+            on_row=lambda row: print_round(row, fed.rounds),
+        )
+    finally:
+        superlink.stop()
+    print_table(rows, title=f"fedglm server: {len(rows)} rounds, metrics in {cfg.out_dir / METRICS_NAME}")
+
+
+def _tls(cfg: CoordinatorConfig, insecure: bool, path: Path) -> TLSFiles | None:
+    if insecure:
+        if cfg.tls is not None:
+            raise InputError(f"{path} has a tls section but --insecure was given; drop one of them")
+        check_insecure_allowed(cfg.host, "host")
+        return None
+    if cfg.tls is None:
+        raise InputError(
+            f"{path} has no tls section: make certificates with `fedglm certs` and add them, "
+            "or pass --insecure (loopback only)"
+        )
+    return TLSFiles(ca_cert=cfg.tls.ca_cert, server_cert=cfg.tls.server_cert, server_key=cfg.tls.server_key)

@@ -1,0 +1,99 @@
+"""A site runs fedglm's own app and nothing else: the guarded `flwr-clientapp`.
+
+In open-source Flower 1.41 whoever reaches the coordinator's port can submit an app bundle
+(FAB) that every SuperNode executes, and a FAB's folder is put first on `sys.path`, so it could
+even shadow the installed fedglm. Flower's own check (`--trusted-entities`) accepts only FABs
+signed through Flower Hub, never one submitted from a private coordinator.
+
+So `fedglm client` puts a `flwr-clientapp` of its own first on the SuperNode's PATH (Flower's
+`flower-superexec` starts the ClientApp process by that name). It is Flower's ClientApp runner
+with one check added at the moment the FAB arrives, before a single file of it is unpacked or
+imported: the SHA-256 of the bundle's bytes must be that of the thin fedglm app built from this
+site's own install (`FEDGLM_ALLOWED_FAB_SHA256`, set by `fedglm client`). Anything else is
+refused with an error reply to the coordinator; the SuperNode stays up for the next task. Each
+ClientApp process also gets a fresh, empty FLWR_HOME, so no app folder is ever reused.
+
+What remains (see clients/README.md): the coordinator and every site must run the same fedglm
+and Flower release (the bundle's hash depends on both); a site still trusts the coordinator's
+messages (model and round config, validated on arrival); the SuperLink port must be firewalled
+to the hospitals, since the Control API on it has no authentication in open-source Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ALLOWED_ENV = "FEDGLM_ALLOWED_FAB_SHA256"
+
+
+class AppRefused(RuntimeError):
+    """The submitted app bundle is not fedglm's own."""
+
+
+def allowed_hashes() -> set[str]:
+    value = os.environ.get(ALLOWED_ENV, "")
+    return {h.strip().lower() for h in value.split(",") if h.strip()}
+
+
+def check_fab(content: bytes, claimed_hash: str, allowed: set[str]) -> None:
+    digest = hashlib.sha256(content).hexdigest()
+    if digest not in allowed:
+        raise AppRefused(f"refused app bundle sha256={digest}: this site runs only fedglm's own app")
+    if claimed_hash != digest:
+        raise AppRefused(f"refused app bundle: claimed hash {claimed_hash} is not its sha256 {digest}")
+
+
+def _install_guard() -> None:
+    import flwr.supernode.runtime.run_clientapp as runner
+
+    allowed = allowed_hashes()
+    original_pull, original_install = runner.pull_task_input, runner.install_from_fab
+    pulled: dict[str, Any] = {}
+
+    def pull(client: Any) -> Any:
+        message, context, run, fab = original_pull(client)
+        pulled["fab"] = fab
+        return message, context, run, fab
+
+    def install(content: bytes, *args: Any, **kwargs: Any) -> Any:
+        # Raised here, after the message was pulled, Flower sends an error reply and the
+        # SuperNode carries on; nothing of the bundle has been written or imported.
+        check_fab(content, pulled["fab"].hash_str, allowed)
+        return original_install(content, *args, **kwargs)
+
+    runner.pull_task_input, runner.install_from_fab = pull, install
+
+
+def main() -> None:
+    """Entry point of the guarded `flwr-clientapp` (same arguments as Flower's)."""
+    if not allowed_hashes():
+        print(f"fedglm guard: {ALLOWED_ENV} is not set; refusing to run any app", file=sys.stderr)
+        sys.exit(2)
+    _install_guard()
+    home = tempfile.mkdtemp(prefix="fedglm-clientapp-")
+    os.environ["FLWR_HOME"] = home
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    try:
+        flwr_clientapp()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def write_shim(bin_dir: Path) -> Path:
+    """Write the `flwr-clientapp` executable that runs `main` with this Python."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shim = bin_dir / "flwr-clientapp"
+    shim.write_text(
+        f"#!/bin/sh\nexec '{sys.executable}' -c 'from fedglm.clients.guard import main; main()' \"$@\"\n",
+        encoding="utf-8",
+    )
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return shim

@@ -1,0 +1,73 @@
+"""The coordinator's job: start the SuperLink, submit the fedglm app, follow it, stop cleanly.
+
+Shared by `fedglm server` (one SuperLink, hospitals connect from afar) and `fedglm simulate`
+(which also starts the SuperNodes on loopback). Progress comes from the run folder's
+`metrics.jsonl`, which the ServerApp appends after each round; the ServerApp's own log is
+streamed to `serverapp.log` in the run folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedglm import metrics
+from fedglm.atomic import atomic_write_text
+from fedglm.config import FederationConfig, RunSpec
+from fedglm.errors import CheckFailed
+from fedglm.processes import ManagedProcess
+from fedglm.server.app import SPEC_KEY, SPEC_NAME
+from fedglm.app_bundle import fab_bytes
+from fedglm.server.submit import ControlClient, follow_run
+
+RowCallback = Callable[[dict[str, Any]], None]
+
+
+def write_spec(out_dir: Path, federation: FederationConfig, *, resume: bool) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = RunSpec(federation=federation, out_dir=out_dir, resume=resume)
+    path = out_dir / SPEC_NAME
+    atomic_write_text(path, spec.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def execute_run(
+    *,
+    superlink: ManagedProcess,
+    address: str,
+    ca_cert: Path | None,
+    spec_path: Path,
+    out_dir: Path,
+    on_row: RowCallback,
+    fab: bytes | None = None,
+    processes: list[ManagedProcess] | None = None,
+) -> list[dict[str, Any]]:
+    """Submit the fedglm app, report each finished round, return all rows; raise if it fails."""
+    watched = [superlink, *(processes or [])]
+    client = ControlClient(address, ca_cert)
+    try:
+        run_id = client.start_run(fab or fab_bytes(), {SPEC_KEY: str(spec_path)})
+        client.stream_logs(run_id, out_dir / "serverapp.log")
+        seen = {int(r["round"]) for r in metrics.read_rows(out_dir)}
+
+        def report_new_rows() -> None:
+            for row in metrics.read_rows(out_dir):
+                if int(row["round"]) not in seen:
+                    seen.add(int(row["round"]))
+                    on_row(row)
+
+        def all_alive() -> bool:
+            dead = [p for p in watched if not p.alive()]
+            if dead:
+                raise CheckFailed(f"{dead[0].name} exited unexpectedly: {dead[0].log_tail()}")
+            return True
+
+        outcome = follow_run(client, run_id, on_tick=report_new_rows, alive=all_alive)
+        report_new_rows()
+    finally:
+        client.close()
+    if not outcome.succeeded:
+        reason = outcome.details or outcome.sub_status
+        raise CheckFailed(f"run {run_id} {outcome.sub_status}: {reason} (see {out_dir / 'serverapp.log'})")
+    return metrics.read_rows(out_dir)

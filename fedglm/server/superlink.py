@@ -1,0 +1,71 @@
+"""Starting Flower's SuperLink for the coordinator: TLS by default, its own FLWR_HOME.
+
+The SuperLink serves the Fleet API (SuperNodes), the Control API (run submission) and the
+ServerAppIo API on one port. Runtime dependency installation is always off: the ServerApp
+runs from the coordinator's installed fedglm, nothing is fetched at run time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedglm.certs import check_certificate_file
+from fedglm.errors import InputError
+from fedglm.processes import ManagedProcess, check_port_free, executable, flower_env, start, wait_healthy
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_insecure_allowed(host: str, what: str) -> None:
+    if not is_loopback(host):
+        raise InputError(
+            f"{what} {host}: running without TLS is only allowed on a loopback address "
+            "(127.0.0.1); set up TLS with `fedglm certs`"
+        )
+
+
+def start_superlink(
+    *, host: str, port: int, tls: TLSFiles | None, home: Path, extra_pythonpath: list[Path] | None = None,
+    health_timeout: float = 60.0,
+) -> ManagedProcess:
+    """Start `flower-superlink` and return once it answers on /health."""
+    argv = [executable("flower-superlink"), "--host", host, "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    if tls is None:
+        check_insecure_allowed(host, "SuperLink host")
+        argv.append("--insecure")
+    else:
+        check_certificate_file(tls.ca_cert, "tls.ca_cert")
+        check_certificate_file(tls.server_cert, "tls.server_cert")
+        if not tls.server_key.is_file():
+            raise InputError(f"tls.server_key {tls.server_key} does not exist")
+        argv += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                 "--ssl-keyfile", str(tls.server_key)]
+    check_port_free(host, port, "SuperLink port")
+    env = flower_env(home, extra_pythonpath)
+    process = start("SuperLink", argv, env, home / "superlink.log")
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    scheme = "https" if tls else "http"
+    try:
+        wait_healthy(process, f"{scheme}://{probe_host}:{port}/health",
+                     ca_cert=tls.ca_cert if tls else None, timeout=health_timeout)
+    except BaseException:
+        process.stop()
+        raise
+    return process
