@@ -8,6 +8,7 @@ started here is stopped before this returns.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def run_simulation(
         on_status(f"{site.name}: {check_site_data(site)} records from {site.data.path}")
     certs = make_certificates(out_dir / "certs", hosts=["127.0.0.1"], overwrite=True)
     tls = TLSFiles(ca_cert=certs.ca_cert, server_cert=certs.server_cert, server_key=certs.server_key)
+    # The sites share this machine's cores: oversubscribed torch threads only slow them down.
+    threads = max(1, (os.cpu_count() or 1) // len(sites))
     processes: list[ManagedProcess] = []
     try:
         port = free_port()
@@ -75,6 +78,7 @@ def run_simulation(
                 coordinator=f"127.0.0.1:{port}", ca_cert=tls.ca_cert, runtime_port=free_port(),
                 site_spec=spec_path, home=out_dir / "flower" / site.name,
                 name=f"SuperNode {site.name}", extra_pythonpath=extra_pythonpath,
+                torch_threads=threads,
             ))
         on_status(f"{len(sites)} SuperNodes up; running {config.federation.rounds} rounds")
         spec_path = write_spec(out_dir, config.federation, resume=False)

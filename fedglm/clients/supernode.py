@@ -74,6 +74,7 @@ def start_supernode(
     home: Path,
     name: str = "SuperNode",
     allowed_apps: list[str] | None = None,
+    torch_threads: int | None = None,
     extra_pythonpath: list[Path] | None = None,
 ) -> ManagedProcess:
     """Start `flower-supernode` for one site; return once its runtime API is healthy.
@@ -94,6 +95,8 @@ def start_supernode(
     env = flower_env(home, extra_pythonpath)
     guard_bin = write_shim(home / "guard-bin").parent
     env["PATH"] = str(guard_bin) + os.pathsep + env["PATH"]
+    if torch_threads is not None:
+        env["OMP_NUM_THREADS"] = str(torch_threads)
     env[ALLOWED_ENV] = ",".join(allowed_apps if allowed_apps is not None else [fab_sha256()])
     process = start(name, argv, env, home / "supernode.log")
     try:

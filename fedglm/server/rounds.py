@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -20,6 +20,9 @@ from flwr.serverapp import Grid
 
 from fedglm.errors import CheckFailed
 from fedglm.payload import ARRAYS_KEY, wire_bytes, dense_array_bytes
+
+
+REPLY_POLL_S = 0.2
 
 
 class Strategy(Protocol):
@@ -47,7 +50,7 @@ class Traffic:
     def exchange(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
         """Send `messages`, wait for the replies, and count both directions."""
         self.download_bytes += sum(wire_bytes(m.content) for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = send_and_receive(grid, messages, timeout)
         for reply in replies:
             if reply.has_error():
                 continue
@@ -61,6 +64,22 @@ class Traffic:
                     sent - wire_bytes(arrays) + dense_array_bytes(arrays)
                 )
         return replies
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push `messages` and collect the replies, polling every 0.2 s (Flower's polls every 3 s)."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending and time.monotonic() < deadline:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        if pending:
+            time.sleep(REPLY_POLL_S)
+    if pending:
+        log(WARNING, "%d of %d client(s) did not reply within %.0f s", len(pending), len(messages), timeout)
+    return replies
 
 
 RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], None]
@@ -83,8 +102,10 @@ def run_rounds(
         start = time.perf_counter()
         traffic = Traffic()
 
+        started = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
         replies = traffic.exchange(grid, messages, timeout)
+        log(INFO, "round %d: training exchange %.1f s", server_round, time.perf_counter() - started)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is None or train_metrics is None:
             raise CheckFailed(
@@ -93,8 +114,10 @@ def run_rounds(
             )
         arrays = new_arrays
 
+        started = time.perf_counter()
         messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid))
         eval_metrics = strategy.aggregate_evaluate(server_round, traffic.exchange(grid, messages, timeout))
+        log(INFO, "round %d: evaluation exchange %.1f s", server_round, time.perf_counter() - started)
         eval_metrics = eval_metrics or MetricRecord()
 
         row: dict[str, Any] = {
