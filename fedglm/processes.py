@@ -8,6 +8,7 @@ first on PATH (Flower finds `flower-superexec`, `flwr-serverapp`, `flwr-clientap
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedglm.errors import CheckFailed, InputError
+
+PR_SET_PDEATHSIG = 1
 
 # Flower's superexec polls for new tasks every second by default; 0.1 s saves about a second
 # a round on loopback at negligible cost.
@@ -90,12 +93,18 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the fedglm process dies, even by SIGKILL."""
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> ManagedProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
     popen = subprocess.Popen(
         argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=_die_with_parent,
     )
     return ManagedProcess(name=name, popen=popen, log_path=log_path, _log=log)
 
@@ -109,6 +118,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def check_port_free(host: str, port: int, what: str) -> None:
     """Fail with one line if `host:port` is already taken by another program."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the servers themselves: connections in TIME_WAIT from an earlier run don't count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -15,7 +15,8 @@ from fedglm.cli.progress import status
 from fedglm.clients.app import SITE_NAME
 from fedglm.clients.supernode import preflight, start_supernode
 from fedglm.config import HospitalConfig, load_config
-from fedglm.errors import CheckFailed, InputError
+from fedglm.errors import InputError
+from fedglm.processes import check_port_free
 from fedglm.server.superlink import check_insecure_allowed
 from fedglm.simulate import check_site_data
 
@@ -34,6 +35,7 @@ def client(
     """Check the site's data and the coordinator, then run a SuperNode until Ctrl-C."""
     cfg = load_config(config, HospitalConfig)
     ca_cert = _ca_cert(cfg, insecure, config)
+    check_port_free("127.0.0.1", cfg.runtime_port, "runtime_port")
     records = check_site_data(cfg.site_spec())
     status(f"{cfg.site}: {records} records in {cfg.data.path}")
     spec_path = cfg.state_dir / SITE_NAME
@@ -42,21 +44,24 @@ def client(
     def retrying(problem: str, delay: float) -> None:
         status(f"coordinator {cfg.coordinator} unreachable ({problem}); retrying in {delay:.0f} s")
 
-    preflight(cfg.coordinator, ca_cert, give_up_after=give_up_after, on_retry=retrying)
-    node = start_supernode(
-        coordinator=cfg.coordinator, ca_cert=ca_cert, runtime_port=cfg.runtime_port,
-        site_spec=spec_path, home=cfg.state_dir / "flower",
-    )
-    status(f"{cfg.site}: connected to {cfg.coordinator}; training when the coordinator asks "
-           f"(log: {node.log_path}); Ctrl-C to leave")
     try:
-        while node.alive():
-            time.sleep(1.0)
-        raise CheckFailed(f"the SuperNode exited (code {node.popen.returncode}): {node.log_tail()}")
+        while True:  # a coordinator restart ends the SuperNode: reconnect, as often as needed
+            preflight(cfg.coordinator, ca_cert, give_up_after=give_up_after, on_retry=retrying)
+            node = start_supernode(
+                coordinator=cfg.coordinator, ca_cert=ca_cert, runtime_port=cfg.runtime_port,
+                site_spec=spec_path, home=cfg.state_dir / "flower",
+            )
+            status(f"{cfg.site}: connected to {cfg.coordinator}; training when the coordinator "
+                   f"asks (log: {node.log_path}); Ctrl-C to leave")
+            try:
+                while node.alive():
+                    time.sleep(1.0)
+            finally:
+                node.stop()
+            status(f"{cfg.site}: the SuperNode stopped (code {node.popen.returncode}): "
+                   f"{node.log_tail(1)}; reconnecting")
     except KeyboardInterrupt:
         status(f"{cfg.site}: leaving the federation")
-    finally:
-        node.stop()
 
 
 def _ca_cert(cfg: HospitalConfig, insecure: bool, path: Path) -> Path | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+from types import FrameType
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -20,11 +22,17 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
     """Print a `FedglmError` as one line on stderr and exit with its code (2 for bad input)."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        # `kill`, systemd stop: clean up exactly as on Ctrl-C (stop the run and every process).
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return command(*args, **kwargs)
         except FedglmError as exc:

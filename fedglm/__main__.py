@@ -1,0 +1,5 @@
+"""`python -m fedglm` is the `fedglm` command."""
+
+from fedglm.cli.main import app
+
+app()
