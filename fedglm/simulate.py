@@ -8,18 +8,20 @@ started here is stopped before this returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedglm.atomic import atomic_write_text
 from fedglm.certs import make_certificates
 from fedglm.clients.app import SITE_NAME
 from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
 from fedglm.data import load_records, split_records
-from fedglm.atomic import atomic_write_text
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.coordinator import RowCallback, execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, start_superlink
@@ -45,19 +47,26 @@ def check_site_data(site: SiteSpec) -> int:
     return len(records)
 
 
-def run_simulation(
-    config: SimulateConfig,
+@dataclass
+class LocalStack:
+    """A running SuperLink and its SuperNodes on 127.0.0.1."""
+
+    address: str
+    ca_cert: Path
+    superlink: ManagedProcess
+    supernodes: list[ManagedProcess]
+
+
+@contextlib.contextmanager
+def local_stack(
+    sites: list[SiteSpec],
     out_dir: Path,
     *,
-    on_row: RowCallback,
     on_status: Callable[[str], None],
+    allowed_apps: list[str] | None = None,
     extra_pythonpath: list[Path] | None = None,
-    fab: bytes | None = None,
-) -> list[dict[str, Any]]:
-    out_dir = out_dir.absolute()
-    sites = simulated_sites(config, out_dir)
-    for site in sites:
-        on_status(f"{site.name}: {check_site_data(site)} records from {site.data.path}")
+) -> Iterator[LocalStack]:
+    """Start a TLS SuperLink and one SuperNode per site; stop them all on the way out."""
     certs = make_certificates(out_dir / "certs", hosts=["127.0.0.1"], overwrite=True)
     tls = TLSFiles(ca_cert=certs.ca_cert, server_cert=certs.server_cert, server_key=certs.server_key)
     # The sites share this machine's cores: oversubscribed torch threads only slow them down.
@@ -65,11 +74,10 @@ def run_simulation(
     processes: list[ManagedProcess] = []
     try:
         port = free_port()
-        superlink = start_superlink(
+        processes.append(start_superlink(
             host="127.0.0.1", port=port, tls=tls, home=out_dir / "flower" / "superlink",
             extra_pythonpath=extra_pythonpath,
-        )
-        processes.append(superlink)
+        ))
         on_status(f"SuperLink up on 127.0.0.1:{port} (TLS)")
         for site in sites:
             spec_path = out_dir / "sites" / site.name / SITE_NAME
@@ -77,15 +85,31 @@ def run_simulation(
             processes.append(start_supernode(
                 coordinator=f"127.0.0.1:{port}", ca_cert=tls.ca_cert, runtime_port=free_port(),
                 site_spec=spec_path, home=out_dir / "flower" / site.name,
-                name=f"SuperNode {site.name}", extra_pythonpath=extra_pythonpath,
-                torch_threads=threads,
+                name=f"SuperNode {site.name}", allowed_apps=allowed_apps,
+                torch_threads=threads, extra_pythonpath=extra_pythonpath,
             ))
-        on_status(f"{len(sites)} SuperNodes up; running {config.federation.rounds} rounds")
-        spec_path = write_spec(out_dir, config.federation, resume=False)
-        return execute_run(
-            superlink=superlink, address=f"127.0.0.1:{port}", ca_cert=tls.ca_cert,
-            spec_path=spec_path, out_dir=out_dir, on_row=on_row, fab=fab, processes=processes[1:],
-        )
+        on_status(f"{len(sites)} SuperNodes up")
+        yield LocalStack(f"127.0.0.1:{port}", tls.ca_cert, processes[0], processes[1:])
     finally:
         for process in reversed(processes):
             process.stop()
+
+
+def run_simulation(
+    config: SimulateConfig,
+    out_dir: Path,
+    *,
+    on_row: RowCallback,
+    on_status: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    out_dir = out_dir.absolute()
+    sites = simulated_sites(config, out_dir)
+    for site in sites:
+        on_status(f"{site.name}: {check_site_data(site)} records from {site.data.path}")
+    with local_stack(sites, out_dir, on_status=on_status) as stack:
+        on_status(f"running {config.federation.rounds} rounds")
+        spec_path = write_spec(out_dir, config.federation, resume=False)
+        return execute_run(
+            superlink=stack.superlink, address=stack.address, ca_cert=stack.ca_cert,
+            spec_path=spec_path, out_dir=out_dir, on_row=on_row, processes=stack.supernodes,
+        )

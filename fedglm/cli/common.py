@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import signal
 import sys
-from types import FrameType
 from collections.abc import Callable
+from types import FrameType
 from typing import ParamSpec, TypeVar
 
 import typer

@@ -20,7 +20,14 @@ from fedglm.app_bundle import fab_sha256
 from fedglm.clients.app import SITE_KEY
 from fedglm.clients.guard import ALLOWED_ENV, write_shim
 from fedglm.errors import InputError
-from fedglm.processes import ManagedProcess, check_port_free, executable, flower_env, start, wait_healthy
+from fedglm.processes import (
+    ManagedProcess,
+    check_port_free,
+    executable,
+    flower_env,
+    start,
+    wait_healthy,
+)
 
 
 def preflight(

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from fedglm import metrics
+from fedglm.app_bundle import fab_bytes
 from fedglm.atomic import atomic_write_text
 from fedglm.config import FederationConfig, RunSpec
 from fedglm.errors import CheckFailed
 from fedglm.processes import ManagedProcess
 from fedglm.server.app import SPEC_KEY, SPEC_NAME
-from fedglm.app_bundle import fab_bytes
 from fedglm.server.submit import ControlClient, follow_run
 
 RowCallback = Callable[[dict[str, Any]], None]
@@ -40,14 +40,13 @@ def execute_run(
     spec_path: Path,
     out_dir: Path,
     on_row: RowCallback,
-    fab: bytes | None = None,
     processes: list[ManagedProcess] | None = None,
 ) -> list[dict[str, Any]]:
     """Submit the fedglm app, report each finished round, return all rows; raise if it fails."""
     watched = [superlink, *(processes or [])]
     client = ControlClient(address, ca_cert)
     try:
-        run_id = client.start_run(fab or fab_bytes(), {SPEC_KEY: str(spec_path)})
+        run_id = client.start_run(fab_bytes(), {SPEC_KEY: str(spec_path)})
         client.stream_logs(run_id, out_dir / "serverapp.log")
         seen = {int(r["round"]) for r in metrics.read_rows(out_dir)}
 

@@ -19,8 +19,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedglm.errors import CheckFailed
-from fedglm.payload import ARRAYS_KEY, wire_bytes, dense_array_bytes
-
+from fedglm.payload import ARRAYS_KEY, dense_array_bytes, wire_bytes
 
 REPLY_POLL_S = 0.2
 

@@ -115,12 +115,15 @@ class FedglmAvg:
     def _weights(self, metrics: list[MetricRecord], server_round: int) -> list[float]:
         if self.weighting == "uniform":
             return [1.0] * len(metrics)
-        counts = [m.get("num-records") for m in metrics]
-        if any(not isinstance(c, int | float) or c <= 0 for c in counts):
+        if not all(m.get("records-public") == 1 for m in metrics):
             log(WARNING, "round %d: a site did not declare its record count public; "
                 "averaging uniformly this round", server_round)
             return [1.0] * len(metrics)
-        return [float(c) for c in counts]  # type: ignore[arg-type]
+        counts = [float(m.get("weight", 0.0)) for m in metrics]  # type: ignore[arg-type]
+        if any(c <= 0 for c in counts):
+            log(WARNING, "round %d: a record count is not positive; averaging uniformly", server_round)
+            return [1.0] * len(metrics)
+        return counts
 
 
 def _successful(replies: Iterable[Message], server_round: int) -> list[Message]:

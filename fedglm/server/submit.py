@@ -27,6 +27,7 @@ from flwr.supercore.fab import Fab
 
 from fedglm.errors import CheckFailed
 
+
 @dataclass(frozen=True)
 class RunOutcome:
     run_id: int

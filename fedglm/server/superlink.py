@@ -13,7 +13,14 @@ from pathlib import Path
 
 from fedglm.certs import check_certificate_file
 from fedglm.errors import InputError
-from fedglm.processes import ManagedProcess, check_port_free, executable, flower_env, start, wait_healthy
+from fedglm.processes import (
+    ManagedProcess,
+    check_port_free,
+    executable,
+    flower_env,
+    start,
+    wait_healthy,
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,117 @@
+"""Round overhead of fedglm against stock Flower, and local training throughput by precision.
+
+    python bench/round_overhead.py [--repeats 2] [--out runs/bench-round-overhead]
+
+Part 1 starts ONE real SuperLink and two SuperNodes (TLS, loopback; bench/round_overhead.yaml)
+and runs the same model, data and local steps alternately through Flower's own
+`flwr.serverapp.strategy.FedAvg.start` (bench/stock_fedavg.py) and through fedglm's ServerApp.
+Each run is timed from submission to completion; seconds per round = wall time / rounds.
+Part 2 times local training steps of the `small` model in fp32 and in the `auto` precision,
+alternating, in this process. Absolute times drift on a shared machine: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from flwr.cli.build import build_fab_from_disk
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedglm.app_bundle import fab_bytes  # noqa: E402
+from fedglm.config import ModelConfig, SimulateConfig, load_config  # noqa: E402
+from fedglm.corpus import generate_site_records  # noqa: E402
+from fedglm.data import encode, sample_batches  # noqa: E402
+from fedglm.model import build_model  # noqa: E402
+from fedglm.server.app import SPEC_KEY  # noqa: E402
+from fedglm.server.coordinator import write_spec  # noqa: E402
+from fedglm.server.submit import ControlClient  # noqa: E402
+from fedglm.simulate import local_stack, simulated_sites  # noqa: E402
+from fedglm.training import make_optimizer, resolve_precision, train_local  # noqa: E402
+
+
+def timed_run(client: ControlClient, fab: bytes, spec: Path) -> float:
+    start = time.perf_counter()
+    run_id = client.start_run(fab, {SPEC_KEY: str(spec)})
+    while (status := client.status(run_id))[0] != "finished":
+        time.sleep(0.2)
+    if status[1] != "completed":
+        raise SystemExit(f"run {run_id} {status[1]}: {status[2]}")
+    return time.perf_counter() - start
+
+
+def round_overhead(config: SimulateConfig, out: Path, repeats: int) -> None:
+    stock_fab = build_fab_from_disk(ROOT / "bench" / "stock_app")
+    fedglm_fab = fab_bytes()
+    allowed = [hashlib.sha256(f).hexdigest() for f in (fedglm_fab, stock_fab)]
+    sites = simulated_sites(config, out)
+    rounds = config.federation.rounds
+    times: dict[str, list[float]] = {"stock": [], "fedglm": []}
+    with local_stack(sites, out, on_status=print, allowed_apps=allowed,
+                     extra_pythonpath=[ROOT / "bench"]) as stack:
+        client = ControlClient(stack.address, stack.ca_cert)
+        try:
+            for repeat in range(repeats):
+                for name, fab in (("stock", stock_fab), ("fedglm", fedglm_fab)):
+                    run_dir = out / f"{name}-{repeat}"
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    spec = write_spec(run_dir, config.federation, resume=False)
+                    seconds = timed_run(client, fab, spec) / rounds
+                    times[name].append(seconds)
+                    print(f"  repeat {repeat + 1} {name:7s} {seconds:6.2f} s/round")
+        finally:
+            client.close()
+    stock, ours = statistics.median(times["stock"]), statistics.median(times["fedglm"])
+    print(f"\nround overhead ({len(sites)} sites, {rounds} rounds, train + evaluate each round, "
+          f"median of {repeats}):")
+    print(f"  stock Flower FedAvg  {stock:6.2f} s/round")
+    print(f"  fedglm               {ours:6.2f} s/round")
+    print(f"  ratio fedglm/stock   {ours / stock:6.3f}  (target <= 1.10)")
+
+
+def throughput(steps: int, repeats: int) -> None:
+    cfg = ModelConfig(preset="small")
+    records = [encode(t) for t in generate_site_records(0, 200, 0)]
+    device = torch.device("cpu")
+    auto = resolve_precision("auto", device)
+    results: dict[str, list[float]] = {"fp32": [], auto: []}
+    for _ in range(repeats):
+        for precision in dict.fromkeys(("fp32", auto)):
+            model = build_model(cfg.glm_args(), 0)
+            optimizer = make_optimizer(model, name="adamw", lr=1e-3, momentum=0.9, weight_decay=0.0)
+            batches = sample_batches(records, batch_size=16, seq_len=256,
+                                     generator=torch.Generator().manual_seed(0))
+            train_local(model, batches, optimizer=optimizer, steps=2, precision=precision,  # warm-up
+                        grad_clip=1.0, device=device)
+            stats = train_local(model, batches, optimizer=optimizer, steps=steps,
+                                precision=precision, grad_clip=1.0, device=device)
+            results[precision].append(stats.tokens_per_second)
+    fp32, best = statistics.median(results["fp32"]), statistics.median(results[auto])
+    print(f"\nlocal training throughput (small model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+          f"parameters, batch 16 x 256 tokens, {torch.get_num_threads()} threads, median of {repeats}):")
+    print(f"  fp32                 {fp32:8.0f} tokens/s")
+    print(f"  auto ({auto})         {best:8.0f} tokens/s")
+    print(f"  ratio auto/fp32      {best / fp32:8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "bench" / "round_overhead.yaml")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-round-overhead")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per precision")
+    args = parser.parse_args()
+    round_overhead(load_config(args.config, SimulateConfig), args.out.absolute(), args.repeats)
+    throughput(args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Every user mistake: one line on stderr naming what is wrong, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedglm.certs import CertPaths
+from fedglm.cli.main import app
+from fedglm.processes import ManagedProcess, free_port
+from fedglm.server.superlink import TLSFiles, start_superlink
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stderr
+
+
+def assert_one_line(code: int, stderr: str, *fragments: str) -> None:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedglm: error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def hospital(tmp_path: Path, *, data: str = "notes.csv", field: str = "text", ca: Path | None = None,
+             coordinator: str = "127.0.0.1:1", port: int | None = None) -> Path:
+    (tmp_path / "notes.csv").write_text("text\nfirst note\nsecond note\nthird note\n")
+    path = tmp_path / "h.yaml"
+    path.write_text(
+        f"site: h1\ncoordinator: {coordinator}\nruntime_port: {port or free_port()}\n"
+        + (f"ca_cert: {ca}\n" if ca else "")
+        + f"state_dir: state\ndata:\n  path: {data}\n  field: {field}\n"
+    )
+    return path
+
+
+def test_config_typo(tmp_path: Path) -> None:
+    config = tmp_path / "s.yaml"
+    config.write_text("federation:\n  rouns: 2\n")
+    assert_one_line(*run("simulate", "--config", str(config)), "unknown key 'federation.rouns'", "rounds")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert_one_line(*run("server", "--config", str(tmp_path / "none.yaml")), "does not exist")
+
+
+def test_missing_data_file(tmp_path: Path, certs: CertPaths) -> None:
+    config = hospital(tmp_path, data="missing.csv", ca=certs.ca_cert)
+    assert_one_line(*run("client", "--config", str(config)), "missing.csv does not exist")
+
+
+def test_no_such_column(tmp_path: Path, certs: CertPaths) -> None:
+    config = hospital(tmp_path, field="note", ca=certs.ca_cert)
+    assert_one_line(*run("client", "--config", str(config)), "no column 'note'", "columns are: text")
+
+
+def test_record_not_utf8(tmp_path: Path, certs: CertPaths) -> None:
+    config = hospital(tmp_path, ca=certs.ca_cert)
+    (tmp_path / "notes.csv").write_bytes(b"text\nok\n\xe9t\xe9\n")
+    assert_one_line(*run("client", "--config", str(config)), "not valid UTF-8", "line 3")
+
+
+def test_client_without_ca_or_insecure_off_loopback(tmp_path: Path) -> None:
+    assert_one_line(*run("client", "--config", str(hospital(tmp_path))), "set ca_cert")
+    config = hospital(tmp_path, coordinator="10.1.2.3:9092")
+    assert_one_line(*run("client", "--config", str(config), "--insecure"), "only allowed on a loopback")
+
+
+def test_unreachable_coordinator_gives_up_when_asked(tmp_path: Path, certs: CertPaths) -> None:
+    config = hospital(tmp_path, ca=certs.ca_cert, coordinator=f"127.0.0.1:{free_port()}")
+    code, stderr = run("client", "--config", str(config), "--give-up-after", "2")
+    assert_one_line(code, stderr, "unreachable after")
+
+
+def test_runtime_port_in_use(tmp_path: Path, certs: CertPaths) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = hospital(tmp_path, ca=certs.ca_cert, port=busy.getsockname()[1])
+        assert_one_line(*run("client", "--config", str(config)), "already in use")
+
+
+def test_server_needs_tls_or_loopback_insecure(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("host: 0.0.0.0\n")
+    assert_one_line(*run("server", "--config", str(config)), "no tls section")
+    assert_one_line(*run("server", "--config", str(config), "--insecure"), "only allowed on a loopback")
+
+
+def test_certs_and_partition_bad_options(tmp_path: Path) -> None:
+    assert_one_line(*run("certs", "--out", str(tmp_path / "c"), "--host", "a b"), "not an IP address")
+    csv = tmp_path / "c.csv"
+    csv.write_text("transcription,kind\nx,a\n")
+    assert_one_line(*run("partition", str(csv), "--by", "specialty", "--sites", "2", "--out",
+                         str(tmp_path / "o")), "no column 'specialty'")
+
+
+@pytest.fixture
+def superlink(tmp_path: Path, certs: CertPaths) -> Iterator[int]:
+    port = free_port()
+    process: ManagedProcess = start_superlink(
+        host="127.0.0.1", port=port, tls=TLSFiles(certs.ca_cert, certs.server_cert, certs.server_key),
+        home=tmp_path / "link",
+    )
+    try:
+        yield port
+    finally:
+        process.stop()
+
+
+@pytest.mark.integration
+def test_wrong_ca_certificate(tmp_path: Path, superlink: int, other_certs: CertPaths) -> None:
+    config = hospital(tmp_path, ca=other_certs.ca_cert, coordinator=f"127.0.0.1:{superlink}")
+    assert_one_line(*run("client", "--config", str(config)), "does not verify the coordinator")
+
+
+@pytest.mark.integration
+def test_second_server_on_a_port_in_use(tmp_path: Path, superlink: int, certs: CertPaths) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"host: 127.0.0.1\nport: {superlink}\nout_dir: run\ntls: {{ca_cert: {certs.ca_cert}, "
+                      f"server_cert: {certs.server_cert}, server_key: {certs.server_key}}}\n")
+    assert_one_line(*run("server", "--config", str(config)), "already in use")

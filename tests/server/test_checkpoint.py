@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedglm import metrics
+from fedglm.errors import InputError
+from fedglm.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+
+
+def test_checkpoint_round_trip_and_no_leftover_temp_files(tmp_path: Path) -> None:
+    assert load_checkpoint(tmp_path) is None
+    save_checkpoint(tmp_path, Checkpoint(round=3, state={"w": torch.ones(2)}, fingerprint="abc"))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.round == 3 and torch.equal(loaded.state["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, Checkpoint(round=1, state={"w": torch.ones(1)}, fingerprint="a"))
+
+    class Unsaveable:
+        def __reduce__(self) -> tuple[object, ...]:
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, Checkpoint(round=2, state={"w": Unsaveable()}, fingerprint="a"))  # type: ignore[dict-item]
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.round == 1
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="unreadable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_metrics_skip_torn_line_and_truncate_for_resume(tmp_path: Path) -> None:
+    row = {k: 0 for k in metrics.REQUIRED_KEYS}
+    for r in (1, 2, 3):
+        metrics.append_round(tmp_path, {**row, "round": r})
+    with (tmp_path / metrics.METRICS_NAME).open("a") as handle:
+        handle.write('{"round": 4, "trai')
+    assert [r["round"] for r in metrics.read_rows(tmp_path)] == [1, 2, 3]
+    metrics.truncate_after(tmp_path, 2)
+    assert [r["round"] for r in metrics.read_rows(tmp_path)] == [1, 2]
