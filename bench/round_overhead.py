@@ -55,8 +55,9 @@ def round_overhead(config: SimulateConfig, out: Path, repeats: int) -> None:
     sites = simulated_sites(config, out)
     rounds = config.federation.rounds
     times: dict[str, list[float]] = {"stock": [], "fedglm": []}
-    with local_stack(sites, out, on_status=print, allowed_apps=allowed,
-                     extra_pythonpath=[ROOT / "bench"]) as stack:
+    with local_stack(
+        sites, out, on_status=print, allowed_apps=allowed, extra_pythonpath=[ROOT / "bench"]
+    ) as stack:
         client = ControlClient(stack.address, stack.ca_cert)
         try:
             for repeat in range(repeats):
@@ -70,8 +71,10 @@ def round_overhead(config: SimulateConfig, out: Path, repeats: int) -> None:
         finally:
             client.close()
     stock, ours = statistics.median(times["stock"]), statistics.median(times["fedglm"])
-    print(f"\nround overhead ({len(sites)} sites, {rounds} rounds, train + evaluate each round, "
-          f"median of {repeats}):")
+    print(
+        f"\nround overhead ({len(sites)} sites, {rounds} rounds, train + evaluate each round, "
+        f"median of {repeats}):"
+    )
     print(f"  stock Flower FedAvg  {stock:6.2f} s/round")
     print(f"  fedglm               {ours:6.2f} s/round")
     print(f"  ratio fedglm/stock   {ours / stock:6.3f}  (target <= 1.10)")
@@ -87,16 +90,33 @@ def throughput(steps: int, repeats: int) -> None:
         for precision in dict.fromkeys(("fp32", auto)):
             model = build_model(cfg.glm_args(), 0)
             optimizer = make_optimizer(model, name="adamw", lr=1e-3, momentum=0.9, weight_decay=0.0)
-            batches = sample_batches(records, batch_size=16, seq_len=256,
-                                     generator=torch.Generator().manual_seed(0))
-            train_local(model, batches, optimizer=optimizer, steps=2, precision=precision,  # warm-up
-                        grad_clip=1.0, device=device)
-            stats = train_local(model, batches, optimizer=optimizer, steps=steps,
-                                precision=precision, grad_clip=1.0, device=device)
+            batches = sample_batches(
+                records, batch_size=16, seq_len=256, generator=torch.Generator().manual_seed(0)
+            )
+            train_local(
+                model,
+                batches,
+                optimizer=optimizer,
+                steps=2,
+                precision=precision,  # warm-up
+                grad_clip=1.0,
+                device=device,
+            )
+            stats = train_local(
+                model,
+                batches,
+                optimizer=optimizer,
+                steps=steps,
+                precision=precision,
+                grad_clip=1.0,
+                device=device,
+            )
             results[precision].append(stats.tokens_per_second)
     fp32, best = statistics.median(results["fp32"]), statistics.median(results[auto])
-    print(f"\nlocal training throughput (small model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
-          f"parameters, batch 16 x 256 tokens, {torch.get_num_threads()} threads, median of {repeats}):")
+    print(
+        f"\nlocal training throughput (small model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+        f"parameters, batch 16 x 256 tokens, {torch.get_num_threads()} threads, median of {repeats}):"
+    )
     print(f"  fp32                 {fp32:8.0f} tokens/s")
     print(f"  auto ({auto})         {best:8.0f} tokens/s")
     print(f"  ratio auto/fp32      {best / fp32:8.2f}")

@@ -19,7 +19,8 @@ FAB_DIR = Path(__file__).parent / "fab"
 
 @cache
 def fab_bytes() -> bytes:
-    return build_fab_from_disk(FAB_DIR)
+    content: bytes = build_fab_from_disk(FAB_DIR)
+    return content
 
 
 def fab_sha256() -> str:

@@ -86,9 +86,7 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
         if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
-            )
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if (self.d_model // self.n_heads) % 2 != 0:
             raise ValueError(
                 f"head size d_model/n_heads = {self.d_model // self.n_heads} must be even "
@@ -135,8 +133,7 @@ class FederationConfig(_Section):
     def _window_fits(self) -> FederationConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
-                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
-                f"({self.model.max_seq_len})"
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
         return self
 
@@ -186,9 +183,7 @@ _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def _check_site_name(value: str) -> str:
     if not _SITE_NAME.match(value):
-        raise ValueError(
-            "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+        raise ValueError("use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return value
 
 

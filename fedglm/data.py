@@ -131,7 +131,8 @@ class SiteData:
 
 def split_records(records: Sequence[str], val_fraction: float, seed: int) -> SiteData:
     """Split by record, deterministically from each record's text and `seed`."""
-    train, val = [], []
+    train: list[str] = []
+    val: list[str] = []
     for text in records:
         digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
         draw = int.from_bytes(digest[:8], "big") / 2**64

@@ -17,8 +17,15 @@ from fedglm.atomic import append_json_line, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 REQUIRED_KEYS = (
-    "round", "train_loss", "val_loss", "upload_bytes", "download_bytes",
-    "dense_upload_bytes", "clients", "epsilon_max", "seconds",
+    "round",
+    "train_loss",
+    "val_loss",
+    "upload_bytes",
+    "download_bytes",
+    "dense_upload_bytes",
+    "clients",
+    "epsilon_max",
+    "seconds",
 )
 
 

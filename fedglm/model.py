@@ -77,7 +77,8 @@ class Attention(nn.Module):
         k = apply_rotary(heads(self.k_proj(x)), cos, sin)
         v = heads(self.v_proj(x))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, dim))
+        out: torch.Tensor = self.o_proj(y.transpose(1, 2).reshape(batch, seq, dim))
+        return out
 
 
 class SwiGLU(nn.Module):
@@ -88,7 +89,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(args.d_ff, args.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class Block(nn.Module):
@@ -101,7 +103,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+        out: torch.Tensor = x + self.mlp(self.mlp_norm(x))
+        return out
 
 
 class GLM(nn.Module):

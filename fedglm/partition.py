@@ -34,10 +34,7 @@ def deduplicate(rows: list[tuple[str, str]]) -> dict[str, str]:
     labels_of: dict[str, set[str]] = defaultdict(set)
     for text, label in rows:
         labels_of[text].add(label)
-    return {
-        text: min(labels, key=lambda lab: (label_counts[lab], lab))
-        for text, labels in labels_of.items()
-    }
+    return {text: min(labels, key=lambda lab: (label_counts[lab], lab)) for text, labels in labels_of.items()}
 
 
 def assign_labels(sizes: dict[str, int], sites: int) -> list[list[str]]:
@@ -52,7 +49,12 @@ def assign_labels(sizes: dict[str, int], sites: int) -> list[list[str]]:
 
 
 def partition_csv(
-    path: Path, *, text_column: str, label_column: str, sites: int, out_dir: Path,
+    path: Path,
+    *,
+    text_column: str,
+    label_column: str,
+    sites: int,
+    out_dir: Path,
     min_label_records: int = 1,
 ) -> list[SitePart]:
     if sites < 1:

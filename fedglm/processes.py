@@ -103,8 +103,13 @@ def start(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Ma
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
     popen = subprocess.Popen(
-        argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_die_with_parent,
+        argv,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     return ManagedProcess(name=name, popen=popen, log_path=log_path, _log=log)
 
@@ -129,9 +134,7 @@ def check_port_free(host: str, port: int, what: str) -> None:
             ) from None
 
 
-def wait_healthy(
-    process: ManagedProcess, url: str, *, ca_cert: Path | None, timeout: float = 60.0
-) -> None:
+def wait_healthy(process: ManagedProcess, url: str, *, ca_cert: Path | None, timeout: float = 60.0) -> None:
     """Poll `url` until it answers 200; fail with the log's last lines if the process dies."""
     context = None
     if ca_cert is not None:
@@ -140,7 +143,9 @@ def wait_healthy(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not process.alive():
-            raise CheckFailed(f"{process.name} exited (code {process.popen.returncode}): {process.log_tail()}")
+            raise CheckFailed(
+                f"{process.name} exited (code {process.popen.returncode}): {process.log_tail()}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 if response.status == 200:

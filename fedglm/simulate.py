@@ -74,20 +74,32 @@ def local_stack(
     processes: list[ManagedProcess] = []
     try:
         port = free_port()
-        processes.append(start_superlink(
-            host="127.0.0.1", port=port, tls=tls, home=out_dir / "flower" / "superlink",
-            extra_pythonpath=extra_pythonpath,
-        ))
+        processes.append(
+            start_superlink(
+                host="127.0.0.1",
+                port=port,
+                tls=tls,
+                home=out_dir / "flower" / "superlink",
+                extra_pythonpath=extra_pythonpath,
+            )
+        )
         on_status(f"SuperLink up on 127.0.0.1:{port} (TLS)")
         for site in sites:
             spec_path = out_dir / "sites" / site.name / SITE_NAME
             atomic_write_text(spec_path, site.model_dump_json(indent=2) + "\n")
-            processes.append(start_supernode(
-                coordinator=f"127.0.0.1:{port}", ca_cert=tls.ca_cert, runtime_port=free_port(),
-                site_spec=spec_path, home=out_dir / "flower" / site.name,
-                name=f"SuperNode {site.name}", allowed_apps=allowed_apps,
-                torch_threads=threads, extra_pythonpath=extra_pythonpath,
-            ))
+            processes.append(
+                start_supernode(
+                    coordinator=f"127.0.0.1:{port}",
+                    ca_cert=tls.ca_cert,
+                    runtime_port=free_port(),
+                    site_spec=spec_path,
+                    home=out_dir / "flower" / site.name,
+                    name=f"SuperNode {site.name}",
+                    allowed_apps=allowed_apps,
+                    torch_threads=threads,
+                    extra_pythonpath=extra_pythonpath,
+                )
+            )
         on_status(f"{len(sites)} SuperNodes up")
         yield LocalStack(f"127.0.0.1:{port}", tls.ca_cert, processes[0], processes[1:])
     finally:
@@ -110,6 +122,11 @@ def run_simulation(
         on_status(f"running {config.federation.rounds} rounds")
         spec_path = write_spec(out_dir, config.federation, resume=False)
         return execute_run(
-            superlink=stack.superlink, address=stack.address, ca_cert=stack.ca_cert,
-            spec_path=spec_path, out_dir=out_dir, on_row=on_row, processes=stack.supernodes,
+            superlink=stack.superlink,
+            address=stack.address,
+            ca_cert=stack.ca_cert,
+            spec_path=spec_path,
+            out_dir=out_dir,
+            on_row=on_row,
+            processes=stack.supernodes,
         )

@@ -21,8 +21,11 @@ def test_certificate_names_and_key_modes(certs: CertPaths) -> None:
 
 def test_dns_names_and_refusals(tmp_path: Path) -> None:
     paths = make_certificates(tmp_path, hosts=["coord.example.org"])
-    sans = x509.load_pem_x509_certificate(paths.server_cert.read_bytes()).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value
+    sans = (
+        x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
     assert "coord.example.org" in sans.get_values_for_type(x509.DNSName)
     with pytest.raises(InputError, match="already exists"):
         make_certificates(tmp_path, hosts=["x"])

@@ -36,8 +36,10 @@ def test_every_shipped_yaml_loads(path: Path, cls: type) -> None:
 def test_every_shipped_yaml_is_listed_above() -> None:
     shipped = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.yaml") if ".venv" not in p.parts}
     assert shipped == {
-        "server/coordinator.yaml", "clients/hospital.yaml",
-        "bench/mtsamples-4sites.yaml", "bench/round_overhead.yaml",
+        "server/coordinator.yaml",
+        "clients/hospital.yaml",
+        "bench/mtsamples-4sites.yaml",
+        "bench/round_overhead.yaml",
     }
 
 
@@ -105,4 +107,7 @@ def test_configs_are_frozen() -> None:
 
 def test_simulate_needs_enough_sites(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="min_clients"):
-        load_config(write(tmp_path, "federation:\n  min_clients: 5\ngenerated:\n  sites: 3\n"), SimulateConfig)
+        load_config(
+            write(tmp_path, "federation:\n  min_clients: 5\ngenerated:\n  sites: 3\n"),
+            SimulateConfig,
+        )

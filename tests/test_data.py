@@ -6,7 +6,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedglm.data import IGNORE_INDEX, encode, eval_windows, load_records, sample_batches, split_records
+from fedglm.data import (
+    IGNORE_INDEX,
+    encode,
+    eval_windows,
+    load_records,
+    sample_batches,
+    split_records,
+)
 from fedglm.errors import InputError
 from fedglm.model import BOS_ID, EOS_ID
 
@@ -28,7 +35,12 @@ def test_csv_jsonl_and_txt_folder(tmp_path: Path) -> None:
     [
         ("missing.csv", None, {"field": "x"}, "does not exist"),
         ("a.csv", b"id,note\n1,a\n", {"field": "text"}, "no column 'text'.*columns are: id, note"),
-        ("a.csv", b"note\n\xff\xfe bad\n", {"field": "note"}, r"not valid UTF-8 at byte 5 \(line 2\)"),
+        (
+            "a.csv",
+            b"note\n\xff\xfe bad\n",
+            {"field": "note"},
+            r"not valid UTF-8 at byte 5 \(line 2\)",
+        ),
         ("a.jsonl", b'{"t": "x"}\nnot json\n', {"field": "t"}, "line 2 is not valid JSON"),
         ("a.jsonl", b'{"u": "x"}\n', {"field": "t"}, "line 1 has no field 't'"),
         ("a.jsonl", b'{"t": 5}\n', {"field": "t"}, "field 't' is int"),
@@ -37,7 +49,9 @@ def test_csv_jsonl_and_txt_folder(tmp_path: Path) -> None:
         ("a.csv", b"note\n1\n", {}, "data.field is required"),
     ],
 )
-def test_bad_data_gives_one_clear_line(tmp_path: Path, name: str, content: bytes | None, kwargs: dict, message: str) -> None:
+def test_bad_data_gives_one_clear_line(
+    tmp_path: Path, name: str, content: bytes | None, kwargs: dict, message: str
+) -> None:
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
@@ -70,8 +84,9 @@ def test_encode_frames_utf8_bytes() -> None:
 @given(st.lists(st.text(min_size=0, max_size=60), min_size=1, max_size=12), st.integers(1, 8))
 def test_batches_hold_distinct_records_and_real_windows(texts: list[str], batch_size: int) -> None:
     records = [encode(t) for t in texts]
-    inputs, targets = next(sample_batches(records, batch_size=batch_size, seq_len=16,
-                                          generator=torch.Generator().manual_seed(0)))
+    inputs, targets = next(
+        sample_batches(records, batch_size=batch_size, seq_len=16, generator=torch.Generator().manual_seed(0))
+    )
     assert inputs.shape == targets.shape == (min(batch_size, len(records)), 16)
     for row in range(inputs.shape[0]):
         valid = targets[row] != IGNORE_INDEX

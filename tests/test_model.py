@@ -11,7 +11,9 @@ ARGS = GLMArgs(d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16)
 
 def test_same_seed_same_weights_other_seed_differs() -> None:
     a, b, c = build_model(ARGS, 1), build_model(ARGS, 1), build_model(ARGS, 2)
-    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True):
+    for (name, pa), pb, pc in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True
+    ):
         assert torch.equal(pa, pb), name
         if not name.endswith("norm.weight"):
             assert not torch.equal(pa, pc), name

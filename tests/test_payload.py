@@ -1,6 +1,12 @@
 from fedglm.config import FederationConfig, ModelConfig, TrainConfig, validate_config
 from fedglm.model import build_model
-from fedglm.payload import expected_shapes, round_config, split_round_config, state_record, wire_bytes
+from fedglm.payload import (
+    expected_shapes,
+    round_config,
+    split_round_config,
+    state_record,
+    wire_bytes,
+)
 
 
 def test_round_config_round_trips_including_nulls() -> None:

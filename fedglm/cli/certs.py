@@ -23,5 +23,7 @@ def certs(
 ) -> None:
     """Make a certificate authority and a server certificate for `fedglm server`."""
     paths = make_certificates(out, hosts=host, days=days, overwrite=force)
-    typer.echo(f"wrote {paths.ca_cert} (give to every hospital), {paths.server_cert}, "
-               f"{paths.server_key} and {paths.ca_key} (keep private)")
+    typer.echo(
+        f"wrote {paths.ca_cert} (give to every hospital), {paths.server_cert}, "
+        f"{paths.server_key} and {paths.ca_key} (keep private)"
+    )

@@ -48,18 +48,25 @@ def client(
         while True:  # a coordinator restart ends the SuperNode: reconnect, as often as needed
             preflight(cfg.coordinator, ca_cert, give_up_after=give_up_after, on_retry=retrying)
             node = start_supernode(
-                coordinator=cfg.coordinator, ca_cert=ca_cert, runtime_port=cfg.runtime_port,
-                site_spec=spec_path, home=cfg.state_dir / "flower",
+                coordinator=cfg.coordinator,
+                ca_cert=ca_cert,
+                runtime_port=cfg.runtime_port,
+                site_spec=spec_path,
+                home=cfg.state_dir / "flower",
             )
-            status(f"{cfg.site}: connected to {cfg.coordinator}; training when the coordinator "
-                   f"asks (log: {node.log_path}); Ctrl-C to leave")
+            status(
+                f"{cfg.site}: connected to {cfg.coordinator}; training when the coordinator "
+                f"asks (log: {node.log_path}); Ctrl-C to leave"
+            )
             try:
                 while node.alive():
                     time.sleep(1.0)
             finally:
                 node.stop()
-            status(f"{cfg.site}: the SuperNode stopped (code {node.popen.returncode}): "
-                   f"{node.log_tail(1)}; reconnecting")
+            status(
+                f"{cfg.site}: the SuperNode stopped (code {node.popen.returncode}): "
+                f"{node.log_tail(1)}; reconnecting"
+            )
     except KeyboardInterrupt:
         status(f"{cfg.site}: leaving the federation")
 

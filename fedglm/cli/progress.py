@@ -33,13 +33,27 @@ def print_round(row: dict[str, Any], total_rounds: int) -> None:
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
-    for column in ("round", "train_loss", "val_loss", "val_bpb", "upload", "download", "clients", "seconds"):
+    for column in (
+        "round",
+        "train_loss",
+        "val_loss",
+        "val_bpb",
+        "upload",
+        "download",
+        "clients",
+        "seconds",
+    ):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
-            str(row["round"]), _num(row.get("train_loss")), _num(row.get("val_loss")),
-            _num(row.get("val_bpb"), 3), _mb(row.get("upload_bytes")), _mb(row.get("download_bytes")),
-            str(row.get("clients")), _num(row.get("seconds"), 1),
+            str(row["round"]),
+            _num(row.get("train_loss")),
+            _num(row.get("val_loss")),
+            _num(row.get("val_bpb"), 3),
+            _mb(row.get("upload_bytes")),
+            _mb(row.get("download_bytes")),
+            str(row.get("clients")),
+            _num(row.get("seconds"), 1),
         )
     console.print(table)
 

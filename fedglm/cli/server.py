@@ -32,12 +32,17 @@ def server(
         host=cfg.host, port=cfg.port, tls=tls, home=cfg.out_dir / "flower" / "superlink"
     )
     try:
-        status(f"SuperLink listening on {cfg.host}:{cfg.port} ({'TLS' if tls else 'no TLS'}); "
-               f"waiting for {fed.min_clients} hospital(s)")
+        status(
+            f"SuperLink listening on {cfg.host}:{cfg.port} ({'TLS' if tls else 'no TLS'}); "
+            f"waiting for {fed.min_clients} hospital(s)"
+        )
         local = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
         rows = execute_run(
-            superlink=superlink, address=f"{local}:{cfg.port}", ca_cert=tls.ca_cert if tls else None,
-            spec_path=spec_path, out_dir=cfg.out_dir,
+            superlink=superlink,
+            address=f"{local}:{cfg.port}",
+            ca_cert=tls.ca_cert if tls else None,
+            spec_path=spec_path,
+            out_dir=cfg.out_dir,
             on_row=lambda row: print_round(row, fed.rounds),
         )
     finally:

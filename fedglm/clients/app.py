@@ -88,7 +88,7 @@ def train(message: Message, context: Context) -> Message:
     model.to(device)
     data = load_site_data(site)
     records = [encode(t) for t in data.train]
-    server_round = int(message.content.config_records[CONFIG_KEY].get("server-round", 0))  # type: ignore[arg-type]
+    server_round = int(message.content.config_records[CONFIG_KEY].get("server-round", 0))
     generator = torch.Generator().manual_seed(_round_seed(seed, site.name, server_round))
     batches = sample_batches(records, batch_size=cfg.batch_size, seq_len=cfg.seq_len, generator=generator)
     optimizer = make_optimizer(
@@ -103,10 +103,12 @@ def train(message: Message, context: Context) -> Message:
         grad_clip=cfg.grad_clip,
         device=device,
     )
-    content = RecordDict({
-        ARRAYS_KEY: state_record(model),
-        METRICS_KEY: _public_metrics(site, len(data.train), train_loss=stats.loss),
-    })
+    content = RecordDict(
+        {
+            ARRAYS_KEY: state_record(model),
+            METRICS_KEY: _public_metrics(site, len(data.train), train_loss=stats.loss),
+        }
+    )
     return Message(content=content, reply_to=message)
 
 

@@ -90,9 +90,17 @@ def start_supernode(
     fedglm app of this install), through the guarded `flwr-clientapp` of guard.py.
     """
     check_port_free("127.0.0.1", runtime_port, "runtime_port")
-    argv = [executable("flower-supernode"), "--superlink", coordinator,
-            "--host", "127.0.0.1", "--port", str(runtime_port),
-            "--node-config", f'{SITE_KEY}="{site_spec}"']
+    argv = [
+        executable("flower-supernode"),
+        "--superlink",
+        coordinator,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--node-config",
+        f'{SITE_KEY}="{site_spec}"',
+    ]
     if ca_cert is None:
         argv.append("--insecure")
     else:

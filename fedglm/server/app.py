@@ -54,9 +54,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
     checkpoint = load_checkpoint(out_dir) if spec.resume else None
     if checkpoint is not None:
         if checkpoint.fingerprint != fingerprint:
-            raise InputError(
-                f"{out_dir}: its checkpoint is of another model shape; use a new out_dir"
-            )
+            raise InputError(f"{out_dir}: its checkpoint is of another model shape; use a new out_dir")
         model.load_state_dict(checkpoint.state)
         first_round = checkpoint.round + 1
         metrics.truncate_after(out_dir, checkpoint.round)
@@ -88,9 +86,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         arrays=state_record(model),
         first_round=first_round,
         last_round=fed.rounds,
-        train_config=ConfigRecord(
-            round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)
-        ),
+        train_config=ConfigRecord(round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)),
         timeout=fed.round_timeout_s,
         on_round=persist,
     )

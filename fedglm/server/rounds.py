@@ -59,9 +59,7 @@ class Traffic:
             if arrays is None:
                 self.dense_upload_bytes += sent
             else:
-                self.dense_upload_bytes += (
-                    sent - wire_bytes(arrays) + dense_array_bytes(arrays)
-                )
+                self.dense_upload_bytes += sent - wire_bytes(arrays) + dense_array_bytes(arrays)
         return replies
 
 
@@ -77,7 +75,13 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
         if pending:
             time.sleep(REPLY_POLL_S)
     if pending:
-        log(WARNING, "%d of %d client(s) did not reply within %.0f s", len(pending), len(messages), timeout)
+        log(
+            WARNING,
+            "%d of %d client(s) did not reply within %.0f s",
+            len(pending),
+            len(messages),
+            timeout,
+        )
     return replies
 
 
@@ -102,7 +106,9 @@ def run_rounds(
         traffic = Traffic()
 
         started = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
+        messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        )
         replies = traffic.exchange(grid, messages, timeout)
         log(INFO, "round %d: training exchange %.1f s", server_round, time.perf_counter() - started)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
@@ -114,9 +120,16 @@ def run_rounds(
         arrays = new_arrays
 
         started = time.perf_counter()
-        messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid))
+        messages = list(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+        )
         eval_metrics = strategy.aggregate_evaluate(server_round, traffic.exchange(grid, messages, timeout))
-        log(INFO, "round %d: evaluation exchange %.1f s", server_round, time.perf_counter() - started)
+        log(
+            INFO,
+            "round %d: evaluation exchange %.1f s",
+            server_round,
+            time.perf_counter() - started,
+        )
         eval_metrics = eval_metrics or MetricRecord()
 
         row: dict[str, Any] = {
@@ -127,7 +140,7 @@ def run_rounds(
             "upload_bytes": traffic.upload_bytes,
             "download_bytes": traffic.download_bytes,
             "dense_upload_bytes": traffic.dense_upload_bytes,
-            "clients": int(train_metrics.get("clients", 0)),  # type: ignore[arg-type]
+            "clients": int(train_metrics.get("clients", 0)),
             "epsilon_max": None,
             "seconds": round(time.perf_counter() - start, 3),
         }

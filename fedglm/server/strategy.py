@@ -49,7 +49,9 @@ class FedglmAvg:
         log(
             INFO,
             "FedglmAvg: min_clients=%d fraction_train=%.2f weighting=%s",
-            self.min_clients, self.fraction_train, self.weighting,
+            self.min_clients,
+            self.fraction_train,
+            self.weighting,
         )
 
     def _messages(
@@ -81,17 +83,20 @@ class FedglmAvg:
             try:
                 state = read_state(reply.content, self.expected)
             except PayloadError as exc:
-                log(WARNING, "round %d: dropped reply from node %d: %s",
-                    server_round, reply.metadata.src_node_id, exc)
+                log(
+                    WARNING,
+                    "round %d: dropped reply from node %d: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    exc,
+                )
                 continue
             accepted.append((state, reply.content.metric_records.get(METRICS_KEY, MetricRecord())))
         if not accepted:
             return None, None
         weights = self._weights([metrics for _, metrics in accepted], server_round)
         total = sum(weights)
-        average = {
-            name: torch.zeros(shape, dtype=torch.float32) for name, shape in self.expected.items()
-        }
+        average = {name: torch.zeros(shape, dtype=torch.float32) for name, shape in self.expected.items()}
         for (state, _), weight in zip(accepted, weights, strict=True):
             for name, tensor in state.items():
                 average[name].add_(tensor, alpha=weight / total)
@@ -99,9 +104,7 @@ class FedglmAvg:
         metrics["clients"] = len(accepted)
         return ArrayRecord(average), metrics
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         records = [
             reply.content.metric_records.get(METRICS_KEY, MetricRecord())
             for reply in _successful(replies, server_round)
@@ -116,12 +119,19 @@ class FedglmAvg:
         if self.weighting == "uniform":
             return [1.0] * len(metrics)
         if not all(m.get("records-public") == 1 for m in metrics):
-            log(WARNING, "round %d: a site did not declare its record count public; "
-                "averaging uniformly this round", server_round)
+            log(
+                WARNING,
+                "round %d: a site did not declare its record count public; averaging uniformly this round",
+                server_round,
+            )
             return [1.0] * len(metrics)
-        counts = [float(m.get("weight", 0.0)) for m in metrics]  # type: ignore[arg-type]
+        counts = [float(m.get("weight", 0.0)) for m in metrics]
         if any(c <= 0 for c in counts):
-            log(WARNING, "round %d: a record count is not positive; averaging uniformly", server_round)
+            log(
+                WARNING,
+                "round %d: a record count is not positive; averaging uniformly",
+                server_round,
+            )
             return [1.0] * len(metrics)
         return counts
 
@@ -130,8 +140,13 @@ def _successful(replies: Iterable[Message], server_round: int) -> list[Message]:
     good = []
     for reply in replies:
         if reply.has_error():
-            log(WARNING, "round %d: node %d replied with an error: %s",
-                server_round, reply.metadata.src_node_id, reply.error.reason)
+            log(
+                WARNING,
+                "round %d: node %d replied with an error: %s",
+                server_round,
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
         else:
             good.append(reply)
     return good
@@ -141,7 +156,7 @@ def _mean_metrics(records: list[MetricRecord], keys: tuple[str, ...]) -> MetricR
     """Uniform mean of each key over the records that report a finite value for it."""
     out = MetricRecord()
     for key in keys:
-        values = [float(r[key]) for r in records if key in r and math.isfinite(float(r[key]))]  # type: ignore[arg-type]
+        values = [float(r[key]) for r in records if key in r and math.isfinite(float(r[key]))]
         if values:
             out[key] = sum(values) / len(values)
     return out

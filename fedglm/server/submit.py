@@ -7,6 +7,7 @@ are internal Flower APIs, which is why `flwr` is pinned to one version in pyproj
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -54,7 +55,9 @@ class ControlClient:
         bundle = Fab(hashlib.sha256(fab).hexdigest(), fab, {})
         try:
             response = self._client.StartRun(
-                StartRunRequest(fab=fab_to_proto(bundle), override_config=user_config_to_proto(dict(run_config)))
+                StartRunRequest(
+                    fab=fab_to_proto(bundle), override_config=user_config_to_proto(dict(run_config))
+                )
             )
         except httpx.HTTPError as exc:
             raise CheckFailed(f"the SuperLink refused the run: {exc}") from None
@@ -67,10 +70,8 @@ class ControlClient:
         return run.status.status, run.status.sub_status, run.status.details
 
     def stop_run(self, run_id: int) -> None:
-        try:
+        with contextlib.suppress(httpx.HTTPError):  # it may have finished already
             self._client.StopRun(StopRunRequest(run_id=run_id))
-        except httpx.HTTPError:
-            pass  # already finished
 
     def stream_logs(self, run_id: int, log_path: Path) -> threading.Thread:
         """Copy the ServerApp's log to `log_path` in a background thread until the run ends."""
@@ -78,7 +79,9 @@ class ControlClient:
         def pump() -> None:
             try:
                 with log_path.open("a", encoding="utf-8") as handle:
-                    for reply in self._client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
+                    for reply in self._client.StreamLogs(
+                        StreamLogsRequest(run_id=run_id, after_timestamp=0.0)
+                    ):
                         handle.write(reply.log_output)
                         handle.flush()
             except Exception:  # the stream ends with the run or the SuperLink

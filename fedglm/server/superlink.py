@@ -48,12 +48,23 @@ def check_insecure_allowed(host: str, what: str) -> None:
 
 
 def start_superlink(
-    *, host: str, port: int, tls: TLSFiles | None, home: Path, extra_pythonpath: list[Path] | None = None,
+    *,
+    host: str,
+    port: int,
+    tls: TLSFiles | None,
+    home: Path,
+    extra_pythonpath: list[Path] | None = None,
     health_timeout: float = 60.0,
 ) -> ManagedProcess:
     """Start `flower-superlink` and return once it answers on /health."""
-    argv = [executable("flower-superlink"), "--host", host, "--port", str(port),
-            "--disable-runtime-dependency-installation"]
+    argv = [
+        executable("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if tls is None:
         check_insecure_allowed(host, "SuperLink host")
         argv.append("--insecure")
@@ -62,16 +73,26 @@ def start_superlink(
         check_certificate_file(tls.server_cert, "tls.server_cert")
         if not tls.server_key.is_file():
             raise InputError(f"tls.server_key {tls.server_key} does not exist")
-        argv += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
-                 "--ssl-keyfile", str(tls.server_key)]
+        argv += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.server_cert),
+            "--ssl-keyfile",
+            str(tls.server_key),
+        ]
     check_port_free(host, port, "SuperLink port")
     env = flower_env(home, extra_pythonpath)
     process = start("SuperLink", argv, env, home / "superlink.log")
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     scheme = "https" if tls else "http"
     try:
-        wait_healthy(process, f"{scheme}://{probe_host}:{port}/health",
-                     ca_cert=tls.ca_cert if tls else None, timeout=health_timeout)
+        wait_healthy(
+            process,
+            f"{scheme}://{probe_host}:{port}/health",
+            ca_cert=tls.ca_cert if tls else None,
+            timeout=health_timeout,
+        )
     except BaseException:
         process.stop()
         raise

@@ -29,8 +29,15 @@ def assert_one_line(code: int, stderr: str, *fragments: str) -> None:
         assert fragment in lines[0], (fragment, lines[0])
 
 
-def hospital(tmp_path: Path, *, data: str = "notes.csv", field: str = "text", ca: Path | None = None,
-             coordinator: str = "127.0.0.1:1", port: int | None = None) -> Path:
+def hospital(
+    tmp_path: Path,
+    *,
+    data: str = "notes.csv",
+    field: str = "text",
+    ca: Path | None = None,
+    coordinator: str = "127.0.0.1:1",
+    port: int | None = None,
+) -> Path:
     (tmp_path / "notes.csv").write_text("text\nfirst note\nsecond note\nthird note\n")
     path = tmp_path / "h.yaml"
     path.write_text(
@@ -98,15 +105,19 @@ def test_certs_and_partition_bad_options(tmp_path: Path) -> None:
     assert_one_line(*run("certs", "--out", str(tmp_path / "c"), "--host", "a b"), "not an IP address")
     csv = tmp_path / "c.csv"
     csv.write_text("transcription,kind\nx,a\n")
-    assert_one_line(*run("partition", str(csv), "--by", "specialty", "--sites", "2", "--out",
-                         str(tmp_path / "o")), "no column 'specialty'")
+    assert_one_line(
+        *run("partition", str(csv), "--by", "specialty", "--sites", "2", "--out", str(tmp_path / "o")),
+        "no column 'specialty'",
+    )
 
 
 @pytest.fixture
 def superlink(tmp_path: Path, certs: CertPaths) -> Iterator[int]:
     port = free_port()
     process: ManagedProcess = start_superlink(
-        host="127.0.0.1", port=port, tls=TLSFiles(certs.ca_cert, certs.server_cert, certs.server_key),
+        host="127.0.0.1",
+        port=port,
+        tls=TLSFiles(certs.ca_cert, certs.server_cert, certs.server_key),
         home=tmp_path / "link",
     )
     try:
@@ -124,6 +135,8 @@ def test_wrong_ca_certificate(tmp_path: Path, superlink: int, other_certs: CertP
 @pytest.mark.integration
 def test_second_server_on_a_port_in_use(tmp_path: Path, superlink: int, certs: CertPaths) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(f"host: 127.0.0.1\nport: {superlink}\nout_dir: run\ntls: {{ca_cert: {certs.ca_cert}, "
-                      f"server_cert: {certs.server_cert}, server_key: {certs.server_key}}}\n")
+    config.write_text(
+        f"host: 127.0.0.1\nport: {superlink}\nout_dir: run\ntls: {{ca_cert: {certs.ca_cert}, "
+        f"server_cert: {certs.server_cert}, server_key: {certs.server_key}}}\n"
+    )
     assert_one_line(*run("server", "--config", str(config)), "already in use")

@@ -26,14 +26,27 @@ def stack(tmp_path: Path, certs: CertPaths) -> Iterator[tuple[str, Path]]:
     processes: list[ManagedProcess] = []
     try:
         # ROOT on PYTHONPATH everywhere: without the guard, the rogue ClientApp WOULD import and run.
-        processes.append(start_superlink(host="127.0.0.1", port=port, tls=tls,
-                                         home=tmp_path / "link", extra_pythonpath=[ROOT]))
+        processes.append(
+            start_superlink(
+                host="127.0.0.1",
+                port=port,
+                tls=tls,
+                home=tmp_path / "link",
+                extra_pythonpath=[ROOT],
+            )
+        )
         spec = tmp_path / "site.json"
         spec.write_text("{}")
-        processes.append(start_supernode(
-            coordinator=f"127.0.0.1:{port}", ca_cert=certs.ca_cert, runtime_port=free_port(),
-            site_spec=spec, home=tmp_path / "node", extra_pythonpath=[ROOT],
-        ))
+        processes.append(
+            start_supernode(
+                coordinator=f"127.0.0.1:{port}",
+                ca_cert=certs.ca_cert,
+                runtime_port=free_port(),
+                site_spec=spec,
+                home=tmp_path / "node",
+                extra_pythonpath=[ROOT],
+            )
+        )
         yield f"127.0.0.1:{port}", certs.ca_cert
     finally:
         for process in reversed(processes):

@@ -41,7 +41,8 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
     out = tmp_path / "run"
     (tmp_path / "coordinator.yaml").write_text(
         f"host: 127.0.0.1\nport: {port}\nout_dir: run\n"
-        f"tls: {{ca_cert: {certs.ca_cert}, server_cert: {certs.server_cert}, server_key: {certs.server_key}}}\n"
+        f"tls: {{ca_cert: {certs.ca_cert}, server_cert: {certs.server_cert}, "
+        f"server_key: {certs.server_key}}}\n"
         "federation:\n  rounds: 2\n  min_clients: 2\n"
         "  train: {local_steps: 5, batch_size: 8, seq_len: 64}\n"
     )

@@ -26,7 +26,10 @@ class FakeReply:
 
 
 def state(value: float) -> dict[str, Any]:
-    return {"w": np.full((2, 2), value, dtype=np.float32), "b": np.full((2,), value, dtype=np.float32)}
+    return {
+        "w": np.full((2, 2), value, dtype=np.float32),
+        "b": np.full((2,), value, dtype=np.float32),
+    }
 
 
 def replies(*items: FakeReply) -> list[Message]:
@@ -35,10 +38,13 @@ def replies(*items: FakeReply) -> list[Message]:
 
 def test_uniform_average_ignores_record_counts() -> None:
     strategy = FedglmAvg(expected=SHAPES, min_clients=2)
-    arrays, metrics = strategy.aggregate_train(1, replies(
-        FakeReply(state(1.0), {"train_loss": 2.0, "weight": 100.0, "records-public": 1}),
-        FakeReply(state(3.0), {"train_loss": 4.0, "weight": 1.0, "records-public": 0}),
-    ))
+    arrays, metrics = strategy.aggregate_train(
+        1,
+        replies(
+            FakeReply(state(1.0), {"train_loss": 2.0, "weight": 100.0, "records-public": 1}),
+            FakeReply(state(3.0), {"train_loss": 4.0, "weight": 1.0, "records-public": 0}),
+        ),
+    )
     assert arrays is not None and metrics is not None
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))
     assert metrics["train_loss"] == 3.0 and metrics["clients"] == 2
@@ -46,8 +52,10 @@ def test_uniform_average_ignores_record_counts() -> None:
 
 def test_record_weights_only_when_every_site_declares_them() -> None:
     strategy = FedglmAvg(expected=SHAPES, min_clients=2, weighting="records")
-    public = [FakeReply(state(1.0), {"weight": 3.0, "records-public": 1}),
-              FakeReply(state(5.0), {"weight": 1.0, "records-public": 1})]
+    public = [
+        FakeReply(state(1.0), {"weight": 3.0, "records-public": 1}),
+        FakeReply(state(5.0), {"weight": 1.0, "records-public": 1}),
+    ]
     arrays, _ = strategy.aggregate_train(1, replies(*public))
     assert arrays is not None
     assert torch.allclose(arrays.to_torch_state_dict()["b"], torch.full((2,), 2.0))
@@ -81,7 +89,9 @@ def test_no_valid_reply_gives_nothing() -> None:
 
 def test_evaluate_means() -> None:
     strategy = FedglmAvg(expected=SHAPES, min_clients=1)
-    metrics = strategy.aggregate_evaluate(1, replies(FakeReply(None, {"val_loss": 1.0, "val_bpb": 2.0}),
-                                                      FakeReply(None, {"val_loss": 3.0})))
+    metrics = strategy.aggregate_evaluate(
+        1,
+        replies(FakeReply(None, {"val_loss": 1.0, "val_bpb": 2.0}), FakeReply(None, {"val_loss": 3.0})),
+    )
     assert metrics is not None
     assert (metrics["val_loss"], metrics["val_bpb"], metrics["clients"]) == (2.0, 2.0, 2)
