@@ -48,7 +48,12 @@ class Traffic:
 
     def exchange(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
         """Send `messages`, wait for the replies, and count both directions."""
-        self.download_bytes += sum(wire_bytes(m.content) for m in messages)
+        sizes: dict[int, int] = {}  # messages to several clients share one content object
+        for message in messages:
+            key = id(message.content)
+            if key not in sizes:
+                sizes[key] = wire_bytes(message.content)
+            self.download_bytes += sizes[key]
         replies = send_and_receive(grid, messages, timeout)
         for reply in replies:
             if reply.has_error():
