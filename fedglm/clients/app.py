@@ -9,6 +9,7 @@ or evaluates, and replies with the weights and only the metrics the site declare
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,52 +81,59 @@ def _round_seed(seed: int, site: str, server_round: int) -> int:
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
+@dataclass(frozen=True)
+class Task:
+    """What both handlers start from: the site, the received model on its device, the data."""
+
+    site: SiteSpec
+    model: GLM
+    cfg: TrainConfig
+    seed: int
+    device: torch.device
+    data: SiteData
+
+
+def _task(message: Message, context: Context) -> Task:
     site = read_site(context)
     model, cfg, seed = _received_model(message)
     device = _device()
-    model.to(device)
-    data = load_site_data(site)
-    records = [encode(t) for t in data.train]
+    return Task(site, model.to(device), cfg, seed, device, load_site_data(site))
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    task = _task(message, context)
+    cfg = task.cfg
+    records = [encode(t) for t in task.data.train]
     server_round = int(message.content.config_records[CONFIG_KEY].get("server-round", 0))
-    generator = torch.Generator().manual_seed(_round_seed(seed, site.name, server_round))
-    batches = sample_batches(records, batch_size=cfg.batch_size, seq_len=cfg.seq_len, generator=generator)
+    generator = torch.Generator().manual_seed(_round_seed(task.seed, task.site.name, server_round))
     optimizer = make_optimizer(
-        model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        task.model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     stats = train_local(
-        model,
-        batches,
+        task.model,
+        sample_batches(records, batch_size=cfg.batch_size, seq_len=cfg.seq_len, generator=generator),
         optimizer=optimizer,
         steps=steps_for(cfg.local_steps, cfg.local_epochs, len(records), cfg.batch_size),
-        precision=resolve_precision(cfg.precision, device),
+        precision=resolve_precision(cfg.precision, task.device),
         grad_clip=cfg.grad_clip,
-        device=device,
+        device=task.device,
     )
-    content = RecordDict(
-        {
-            ARRAYS_KEY: state_record(model),
-            METRICS_KEY: _public_metrics(site, len(data.train), train_loss=stats.loss),
-        }
-    )
+    metrics = _public_metrics(task.site, len(records), train_loss=stats.loss)
+    content = RecordDict({ARRAYS_KEY: state_record(task.model), METRICS_KEY: metrics})
     return Message(content=content, reply_to=message)
 
 
 @app.evaluate()
 def evaluate_global(message: Message, context: Context) -> Message:
-    site = read_site(context)
-    model, cfg, _ = _received_model(message)
-    device = _device()
-    model.to(device)
-    data = load_site_data(site)
+    task = _task(message, context)
     stats = evaluate(
-        model,
-        [encode(t) for t in data.val],
-        seq_len=cfg.seq_len,
-        batch_size=cfg.eval_batch_size,
-        precision=resolve_precision(cfg.precision, device),
-        device=device,
+        task.model,
+        [encode(t) for t in task.data.val],
+        seq_len=task.cfg.seq_len,
+        batch_size=task.cfg.eval_batch_size,
+        precision=resolve_precision(task.cfg.precision, task.device),
+        device=task.device,
     )
-    metrics = _public_metrics(site, len(data.val), val_loss=stats.loss, val_bpb=stats.bits_per_byte)
+    metrics = _public_metrics(task.site, len(task.data.val), val_loss=stats.loss, val_bpb=stats.bits_per_byte)
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=message)
