@@ -35,13 +35,13 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     for column in (
         "round",
-        "train_loss",
-        "val_loss",
-        "val_bpb",
-        "upload",
-        "download",
+        "train loss",
+        "val loss",
+        "val bpb",
+        "up",
+        "down",
         "clients",
-        "seconds",
+        "s",
     ):
         table.add_column(column, justify="right")
     for row in rows:
