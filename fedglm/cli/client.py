@@ -15,10 +15,13 @@ from fedglm.cli.progress import status
 from fedglm.clients.app import SITE_NAME
 from fedglm.clients.supernode import preflight, start_supernode
 from fedglm.config import HospitalConfig, load_config
-from fedglm.errors import InputError
+from fedglm.errors import CheckFailed, InputError
 from fedglm.processes import check_port_free
 from fedglm.server.superlink import check_insecure_allowed
 from fedglm.simulate import check_site_data
+
+QUICK_EXIT_S = 15.0
+MAX_QUICK_FAILURES = 3
 
 
 @reports_errors
@@ -44,6 +47,7 @@ def client(
     def retrying(problem: str, delay: float) -> None:
         status(f"coordinator {cfg.coordinator} unreachable ({problem}); retrying in {delay:.0f} s")
 
+    quick_failures = 0
     try:
         while True:  # a coordinator restart ends the SuperNode: reconnect, as often as needed
             preflight(cfg.coordinator, ca_cert, give_up_after=give_up_after, on_retry=retrying)
@@ -58,11 +62,19 @@ def client(
                 f"{cfg.site}: connected to {cfg.coordinator}; training when the coordinator "
                 f"asks (log: {node.log_path}); Ctrl-C to leave"
             )
+            started = time.monotonic()
             try:
                 while node.alive():
                     time.sleep(1.0)
             finally:
                 node.stop()
+            crashed = node.popen.returncode != 0 and time.monotonic() - started < QUICK_EXIT_S
+            quick_failures = quick_failures + 1 if crashed else 0
+            if quick_failures >= MAX_QUICK_FAILURES:
+                raise CheckFailed(
+                    f"the SuperNode failed {quick_failures} times in a row within seconds of starting: "
+                    f"{node.log_tail()} (log: {node.log_path})"
+                )
             status(
                 f"{cfg.site}: the SuperNode stopped (code {node.popen.returncode}): "
                 f"{node.log_tail(1)}; reconnecting"
