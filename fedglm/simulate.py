@@ -17,11 +17,10 @@ from typing import Any
 
 from fedglm.atomic import atomic_write_text
 from fedglm.certs import make_certificates
-from fedglm.clients.app import SITE_NAME
+from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
-from fedglm.data import load_records, split_records
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.coordinator import RowCallback, execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, start_superlink
@@ -38,13 +37,6 @@ def simulated_sites(config: SimulateConfig, out_dir: Path) -> list[SiteSpec]:
         SiteSpec(name=f"site-{i}", data=DataConfig(path=p, format="jsonl", field="text"))
         for i, p in enumerate(paths, start=1)
     ]
-
-
-def check_site_data(site: SiteSpec) -> int:
-    """Read and split a site's records now, so bad data fails before anything starts."""
-    records = load_records(site.data.path, site.data.format, site.data.field)
-    split_records(records, site.data.val_fraction, site.data.split_seed)
-    return len(records)
 
 
 @dataclass
@@ -117,7 +109,7 @@ def run_simulation(
     out_dir = out_dir.absolute()
     sites = simulated_sites(config, out_dir)
     for site in sites:
-        on_status(f"{site.name}: {check_site_data(site)} records from {site.data.path}")
+        on_status(describe_site_data(site))  # bad data fails here, before anything starts
     with local_stack(sites, out_dir, on_status=on_status) as stack:
         on_status(f"running {config.federation.rounds} rounds")
         spec_path = write_spec(out_dir, config.federation, resume=False)

@@ -12,13 +12,12 @@ from fedglm.atomic import atomic_write_text
 from fedglm.certs import check_certificate_file
 from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import status
-from fedglm.clients.app import SITE_NAME
+from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import preflight, start_supernode
 from fedglm.config import HospitalConfig, load_config
 from fedglm.errors import CheckFailed, InputError
 from fedglm.processes import check_port_free
 from fedglm.server.superlink import check_insecure_allowed
-from fedglm.simulate import check_site_data
 
 QUICK_EXIT_S = 15.0
 MAX_QUICK_FAILURES = 3
@@ -39,8 +38,7 @@ def client(
     cfg = load_config(config, HospitalConfig)
     ca_cert = _ca_cert(cfg, insecure, config)
     check_port_free("127.0.0.1", cfg.runtime_port, "runtime_port")
-    records = check_site_data(cfg.site_spec())
-    status(f"{cfg.site}: {records} records in {cfg.data.path}")
+    status(describe_site_data(cfg.site_spec()))  # bad data fails here, before anything starts
     spec_path = cfg.state_dir / SITE_NAME
     atomic_write_text(spec_path, cfg.site_spec().model_dump_json(indent=2) + "\n")
 

@@ -50,6 +50,15 @@ def load_site_data(site: SiteSpec) -> SiteData:
     return split_records(records, site.data.val_fraction, site.data.split_seed)
 
 
+def describe_site_data(site: SiteSpec) -> str:
+    """Read and split the site's records as training will, and say what was found."""
+    data = load_site_data(site)
+    return (
+        f"{site.name}: {len(data.train) + len(data.val)} records in {site.data.path} "
+        f"({len(data.train)} train, {len(data.val)} validation)"
+    )
+
+
 def _received_model(message: Message) -> tuple[GLM, TrainConfig, int]:
     config = message.content.config_records.get(CONFIG_KEY)
     if config is None:

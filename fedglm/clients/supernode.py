@@ -89,6 +89,8 @@ def start_supernode(
     The SuperNode runs only app bundles whose SHA-256 is in `allowed_apps` (default: the
     fedglm app of this install), through the guarded `flwr-clientapp` of guard.py.
     """
+    if '"' in str(site_spec):
+        raise InputError(f"state_dir {site_spec.parent}: a path with '\"' cannot be passed to Flower")
     check_port_free("127.0.0.1", runtime_port, "runtime_port")
     argv = [
         executable("flower-supernode"),
@@ -105,8 +107,6 @@ def start_supernode(
         argv.append("--insecure")
     else:
         argv += ["--root-certificates", str(ca_cert)]
-    if '"' in str(site_spec):
-        raise InputError(f"state_dir {site_spec.parent}: a path with '\"' cannot be passed to Flower")
     env = flower_env(home, extra_pythonpath)
     guard_bin = write_shim(home / "guard-bin").parent
     env["PATH"] = str(guard_bin) + os.pathsep + env["PATH"]
