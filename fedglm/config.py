@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedglm.compression.codecs import CODECS
 from fedglm.errors import InputError
 from fedglm.model import GLMArgs
 
@@ -117,6 +118,54 @@ class TrainConfig(_Section):
         return self
 
 
+def _check_codec(name: str) -> str:
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
+    return name
+
+
+CodecName = Annotated[str, AfterValidator(_check_codec)]
+Density = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class LinkConfig(_Section):
+    """How one direction of the wire is compressed (see `compression/FORMAT.md`).
+
+    `density`: the fraction of values a sparse codec (`topk`, `ternary`) keeps; ignored by the
+    dense ones (`dense`, `fp16`, `int8`). `selection`: `global` keeps the largest values of
+    the whole model (tensors that moved more keep more), `per-tensor` keeps `density` of each.
+    """
+
+    codec: CodecName = "topk"
+    density: Density = 0.01
+    selection: Literal["global", "per-tensor"] = "global"
+
+
+class UplinkConfig(LinkConfig):
+    """Client-to-server updates, with error feedback and an optional density warm-up.
+
+    Over the first `warmup_rounds` rounds the density falls geometrically from
+    `warmup_density` to `density` (Deep Gradient Compression's warm-up); then it stays there.
+    """
+
+    warmup_rounds: int = Field(default=0, ge=0)
+    warmup_density: Density = 0.1
+
+    def density_for(self, server_round: int) -> float:
+        if server_round > self.warmup_rounds or self.warmup_density <= self.density:
+            return self.density
+        step = (server_round - 1) / self.warmup_rounds
+        return float(self.warmup_density * (self.density / self.warmup_density) ** step)
+
+
+class CompressionConfig(_Section):
+    """Both directions. The downlink carries the change of the global model since the version a
+    client holds; the server keeps what it did not send (server-side error feedback)."""
+
+    uplink: UplinkConfig = UplinkConfig()
+    downlink: LinkConfig = LinkConfig(density=0.05)
+
+
 class FederationConfig(_Section):
     """What the coordinator runs: rounds, sampling, aggregation, model and local training."""
 
@@ -128,6 +177,7 @@ class FederationConfig(_Section):
     seed: int = 0
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    compression: CompressionConfig = CompressionConfig()
 
     @model_validator(mode="after")
     def _window_fits(self) -> FederationConfig:

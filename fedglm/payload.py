@@ -1,9 +1,11 @@
 """What travels in a Flower message, and the checks applied to what arrives.
 
-Content keys (both directions): `arrays` (an ArrayRecord of fp32 tensors named as in the
-model's state dict), `config` (a ConfigRecord, server to client), `metrics` (a MetricRecord,
-client to server). Anything from the network is checked before use: names, shapes, dtype and
-finiteness; a failure is a `PayloadError` naming the problem.
+Content keys (both directions): `arrays` (an ArrayRecord), `config` (a ConfigRecord, server to
+client), `metrics` (a MetricRecord, client to server). fedglm's own messages carry one bytes
+Array named `payload` (stype `fedglm/1`) in `arrays`: a compressed payload in the format of
+`compression/FORMAT.md`. Plain FedAvg messages (Flower's stock strategies) carry fp32 tensors
+named as in the model's state dict instead; the ClientApp answers those in kind. Anything from
+the network is checked before use; a failure is a `PayloadError` naming the problem.
 """
 
 from __future__ import annotations
@@ -13,16 +15,43 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
+
+from fedglm.compression.wire import PayloadError
+
+__all__ = ["PayloadError"]
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
+PAYLOAD_NAME = "payload"
+PAYLOAD_STYPE = "fedglm/1"
+STALE_MODEL = "stale-model"  # a client's error reason: it needs the full model
 
 
-class PayloadError(ValueError):
-    """A message's content does not match what the receiver expects."""
+def payload_record(blob: bytes) -> ArrayRecord:
+    """A compressed payload as the one bytes Array of an ArrayRecord."""
+    return ArrayRecord(
+        {PAYLOAD_NAME: Array(dtype="bytes", shape=(len(blob),), stype=PAYLOAD_STYPE, data=blob)}
+    )
+
+
+def read_payload(content: RecordDict) -> bytes | None:
+    """The compressed payload of a message; None when it carries plain fp32 tensors instead."""
+    record = content.array_records.get(ARRAYS_KEY)
+    if record is None:
+        raise PayloadError(f"no '{ARRAYS_KEY}' ArrayRecord in the message", "no-payload")
+    if PAYLOAD_NAME not in record:
+        return None
+    if len(record) != 1:
+        raise PayloadError(f"'{PAYLOAD_NAME}' must be the only array of the message", "bad-record")
+    array = record[PAYLOAD_NAME]
+    if array.dtype != "bytes" or array.stype != PAYLOAD_STYPE:
+        raise PayloadError(
+            f"'{PAYLOAD_NAME}' is {array.dtype}/{array.stype}, expected bytes/{PAYLOAD_STYPE}", "bad-record"
+        )
+    return bytes(array.data)
 
 
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -69,16 +98,13 @@ def wire_bytes(obj: Any) -> int:
     return total
 
 
-def dense_array_bytes(record: ArrayRecord) -> int:
-    """What `record`'s tensors weigh as dense fp32."""
-    return sum(int(np.prod(a.shape)) * 4 for a in record.values())
-
-
 NULLABLE_TRAIN_KEYS = ("local_steps", "local_epochs", "grad_clip")
 
 
 def round_config(model: Mapping[str, Any], train: Mapping[str, Any], seed: int) -> dict[str, Any]:
     """The flat `config` sent with each round: `model.*`, `train.*` and the federation seed.
+
+    fedglm's strategy adds `server-round`, `run-key` and the round's `uplink.*` settings.
 
     Null values are left out (a ConfigRecord cannot hold None); the client restores them from
     the config defaults, which are validated again on its side.

@@ -27,15 +27,23 @@ from fedglm.server.superlink import TLSFiles, start_superlink
 
 
 def simulated_sites(config: SimulateConfig, out_dir: Path) -> list[SiteSpec]:
+    """The sites of a simulation; each keeps its state under `<out>/sites/<name>/state` unless set."""
     if config.sites is not None:
-        return list(config.sites)
-    gen = config.generated
-    paths = write_generated_corpus(
-        out_dir / "data", sites=gen.sites, records_per_site=gen.records_per_site, seed=gen.seed
-    )
+        sites = list(config.sites)
+    else:
+        gen = config.generated
+        paths = write_generated_corpus(
+            out_dir / "data", sites=gen.sites, records_per_site=gen.records_per_site, seed=gen.seed
+        )
+        sites = [
+            SiteSpec(name=f"site-{i}", data=DataConfig(path=p, format="jsonl", field="text"))
+            for i, p in enumerate(paths, start=1)
+        ]
     return [
-        SiteSpec(name=f"site-{i}", data=DataConfig(path=p, format="jsonl", field="text"))
-        for i, p in enumerate(paths, start=1)
+        site
+        if site.state_dir is not None
+        else site.model_copy(update={"state_dir": out_dir / "sites" / site.name / "state"})
+        for site in sites
     ]
 
 

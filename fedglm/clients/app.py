@@ -1,9 +1,14 @@
 """The fedglm ClientApp: runs inside Flower's `flwr-clientapp` process at a hospital.
 
-`fedglm client` writes the site's spec (`site-spec.json`: name, data, what it shares) and hands
-its path to the SuperNode as the node config value `fedglm-site`. For each message the app
-reads the site's records (they never leave this process), checks the model it was sent, trains
-or evaluates, and replies with the weights and only the metrics the site declared public.
+`fedglm client` writes the site's spec (`site-spec.json`: name, data, what it shares, where its
+state lives) and hands its path to the SuperNode as the node config value `fedglm-site`. For
+each message the app reads the site's records (they never leave this process), brings its copy
+of the global model up to date from the message's payload (`clients/sync.py`), trains or
+evaluates, and replies with only a compressed update (error feedback: what is not sent now is
+kept in `residual.pt` for later rounds) and the metrics the site declared public.
+
+A message with plain fp32 tensors instead of a payload (Flower's stock FedAvg, as in the
+benchmarks) is answered in kind, with the trained weights as dense fp32 tensors.
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedglm.config import ModelConfig, SiteSpec, TrainConfig, validate_config
+from fedglm import compression
+from fedglm.clients.state import HeldModel, load_held, load_residual, save_held, save_residual
+from fedglm.clients.sync import receive_model
+from fedglm.compression import CODECS, NO_HASH, Header, Kind
+from fedglm.config import LinkConfig, ModelConfig, SiteSpec, TrainConfig, validate_config
 from fedglm.data import SiteData, encode, load_records, sample_batches, split_records
 from fedglm.errors import InputError
 from fedglm.model import GLM
@@ -26,6 +35,8 @@ from fedglm.payload import (
     METRICS_KEY,
     PayloadError,
     expected_shapes,
+    payload_record,
+    read_payload,
     read_state,
     split_round_config,
     state_record,
@@ -59,7 +70,7 @@ def describe_site_data(site: SiteSpec) -> str:
     )
 
 
-def _received_model(message: Message) -> tuple[GLM, TrainConfig, int]:
+def _round_settings(message: Message) -> tuple[ConfigRecord, ModelConfig, TrainConfig, int]:
     config = message.content.config_records.get(CONFIG_KEY)
     if config is None:
         raise PayloadError(f"no '{CONFIG_KEY}' ConfigRecord in the message")
@@ -67,9 +78,20 @@ def _received_model(message: Message) -> tuple[GLM, TrainConfig, int]:
     source = "round config from the coordinator"
     model_cfg = validate_config(model_section, ModelConfig, source=source)
     train_cfg = validate_config(train_section, TrainConfig, source=source)
-    model = GLM(model_cfg.glm_args())
-    model.load_state_dict(read_state(message.content, expected_shapes(model)))
-    return model, train_cfg, seed
+    return config, model_cfg, train_cfg, seed
+
+
+def _state_dir(site: SiteSpec) -> Path:
+    if site.state_dir is None:
+        raise InputError(f"site {site.name} has no state_dir: start SuperNodes with `fedglm client`")
+    return site.state_dir
+
+
+def _config_str(config: ConfigRecord, key: str) -> str:
+    value = config.get(key)
+    if not isinstance(value, str):
+        raise PayloadError(f"config '{key}' is {value!r}, expected a string")
+    return value
 
 
 def _public_metrics(site: SiteSpec, n_records: int, **losses: float) -> MetricRecord:
@@ -92,21 +114,68 @@ def _round_seed(seed: int, site: str, server_round: int) -> int:
 
 @dataclass(frozen=True)
 class Task:
-    """What both handlers start from: the site, the received model on its device, the data."""
+    """What both handlers start from: the site, the round's model on its device, the data.
+
+    `held` is the site's copy of the global model (None for a plain FedAvg message).
+    """
 
     site: SiteSpec
+    config: ConfigRecord
     model: GLM
     cfg: TrainConfig
     seed: int
     device: torch.device
     data: SiteData
+    held: HeldModel | None
 
 
 def _task(message: Message, context: Context) -> Task:
     site = read_site(context)
-    model, cfg, seed = _received_model(message)
+    config, model_cfg, train_cfg, seed = _round_settings(message)
+    model = GLM(model_cfg.glm_args())
+    blob = read_payload(message.content)
+    held = None
+    if blob is None:
+        model.load_state_dict(read_state(message.content, expected_shapes(model)))
+    else:
+        state_dir = _state_dir(site)
+        run = _config_str(config, "run-key")
+        previous = load_held(state_dir, run)
+        held = receive_model(blob, held=previous, run=run, model_cfg=model_cfg)
+        if held is not previous:
+            save_held(state_dir, held)
+        model.load_state_dict(held.state)
     device = _device()
-    return Task(site, model.to(device), cfg, seed, device, load_site_data(site))
+    return Task(site, config, model.to(device), train_cfg, seed, device, load_site_data(site), held)
+
+
+def _compressed_update(task: Task, server_round: int) -> ArrayRecord:
+    """The trained model's change, plus the residual, compressed; the new residual is saved
+    before anything leaves."""
+    assert task.held is not None
+    uplink = validate_config(
+        {key: task.config.get(f"uplink.{key}") for key in ("codec", "density", "selection")},
+        LinkConfig,
+        source="round config from the coordinator",
+    )
+    trained = task.model.state_dict()
+    values = {
+        name: (trained[name].detach().float().cpu() - base).reshape(-1).numpy()
+        for name, base in task.held.state.items()
+    }
+    shapes = {name: tuple(t.shape) for name, t in task.held.state.items()}
+    state_dir, run = _state_dir(task.site), task.held.run
+    residual = load_residual(state_dir, run, shapes)
+    if residual is not None:
+        for name, array in values.items():
+            array += residual[name]
+    codec = CODECS[uplink.codec]
+    header = Header(Kind.UPDATE, codec.codec_id, server_round, task.held.hash, NO_HASH)
+    blob = compression.encode(
+        values, shapes, codec, header, density=uplink.density, selection=uplink.selection
+    )
+    save_residual(state_dir, run, values)
+    return payload_record(blob)
 
 
 @app.train()
@@ -114,7 +183,7 @@ def train(message: Message, context: Context) -> Message:
     task = _task(message, context)
     cfg = task.cfg
     records = [encode(t) for t in task.data.train]
-    server_round = int(message.content.config_records[CONFIG_KEY].get("server-round", 0))
+    server_round = int(task.config.get("server-round", 0))
     generator = torch.Generator().manual_seed(_round_seed(task.seed, task.site.name, server_round))
     optimizer = make_optimizer(
         task.model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -129,8 +198,8 @@ def train(message: Message, context: Context) -> Message:
         device=task.device,
     )
     metrics = _public_metrics(task.site, len(records), train_loss=stats.loss)
-    content = RecordDict({ARRAYS_KEY: state_record(task.model), METRICS_KEY: metrics})
-    return Message(content=content, reply_to=message)
+    arrays = state_record(task.model) if task.held is None else _compressed_update(task, server_round)
+    return Message(content=RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=message)
 
 
 @app.evaluate()

@@ -100,12 +100,13 @@ def _half_exponent(values: np.ndarray) -> int:
 
 
 def _to_half(values: np.ndarray, exponent: int) -> np.ndarray:
-    return np.ldexp(values, -exponent).astype("<f2")
+    halves: np.ndarray = np.ldexp(values, -exponent).astype("<f2")
+    return halves
 
 
 def _from_half(halves: np.ndarray, exponent: int) -> np.ndarray:
     with np.errstate(over="ignore"):
-        out = np.ldexp(halves.astype(np.float32), exponent)
+        out: np.ndarray = np.ldexp(halves.astype(np.float32), exponent)
     _finite(out, "fp16 values")
     return out
 
@@ -250,7 +251,8 @@ class Int8:
 
     @staticmethod
     def _values(levels: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
-        return (levels.astype(np.float32) * np.repeat(scales, block)[: levels.size]).astype(np.float32)
+        values: np.ndarray = levels.astype(np.float32) * np.repeat(scales, block)[: levels.size]
+        return values
 
     def decode(self, body: memoryview, n: int) -> Decoded:
         if len(body) < 4:

@@ -15,7 +15,6 @@ lengths, that padding bits are zero, that positions strictly increase and stay b
 
 from __future__ import annotations
 
-import math
 import struct
 
 import numpy as np
@@ -30,7 +29,7 @@ _BLOCK = struct.Struct("<BI")
 
 
 def low_bits(n: int, k: int) -> int:
-    return int(math.floor(math.log2(n / k))) if 0 < k < n else 0
+    return (n // k).bit_length() - 1 if 0 < k < n else 0
 
 
 def elias_fano_size(n: int, k: int) -> int:

@@ -47,6 +47,33 @@ def _global_threshold(arrays: list[np.ndarray], density: float) -> float:
     return sampled_threshold(joined, keep_count(joined.size, density), oversample=1.0)
 
 
+Table = list[tuple[str, tuple[int, ...], bytes]]
+
+
+def encode_tensors(
+    values: Mapping[str, np.ndarray],
+    shapes: Shapes,
+    codec: Codec,
+    *,
+    density: float = 1.0,
+    selection: Selection = "per-tensor",
+) -> tuple[Table, dict[str, Decoded]]:
+    """Tensor table and decoded values for flat fp32 `values`; each array becomes its residual."""
+    threshold = None
+    if codec.sparse and selection == "global" and values:
+        threshold = _global_threshold(list(values.values()), density)
+    table: Table = []
+    sent: dict[str, Decoded] = {}
+    for name, array in values.items():
+        body, decoded = codec.encode(array, density=density, threshold=threshold)
+        decoded.add_to(array, -1.0)
+        if codec.sparse and decoded.positions is not None and decoded.positions.size == 0:
+            continue
+        table.append((name, shapes[name], body))
+        sent[name] = decoded
+    return table, sent
+
+
 def encode(
     values: Mapping[str, np.ndarray],
     shapes: Shapes,
@@ -57,16 +84,7 @@ def encode(
     selection: Selection = "per-tensor",
 ) -> bytes:
     """Payload for flat fp32 `values` (named as in `shapes`); each array becomes its residual."""
-    threshold = None
-    if codec.sparse and selection == "global" and values:
-        threshold = _global_threshold(list(values.values()), density)
-    table: list[tuple[str, tuple[int, ...], bytes]] = []
-    for name, array in values.items():
-        body, decoded = codec.encode(array, density=density, threshold=threshold)
-        decoded.add_to(array, -1.0)
-        if codec.sparse and decoded.positions is not None and decoded.positions.size == 0:
-            continue
-        table.append((name, shapes[name], body))
+    table, _ = encode_tensors(values, shapes, codec, density=density, selection=selection)
     return pack(header, table)
 
 
@@ -95,6 +113,12 @@ def check_header(header: Header, *, kind: Kind, round: int | None = None, base: 
         raise PayloadError(
             f"payload is built on model {header.base.hex()[:12]}, not on {base.hex()[:12]}", "stale-base"
         )
+
+
+def apply(state: Mapping[str, torch.Tensor], decoded: Mapping[str, Decoded]) -> None:
+    """Add decoded changes to fp32 CPU tensors in place (the same operation on every side)."""
+    for name, change in decoded.items():
+        change.add_to(state[name].view(-1).numpy())
 
 
 def flat_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -3,16 +3,18 @@
 `fedglm server` writes the run's spec (`run-spec.json`) into the run folder and passes its path
 as the run config value `fedglm-spec`. The app builds the model from the seed (or resumes from
 the folder's checkpoint), runs the rounds with `FedglmAvg`, and after every round writes the
-checkpoint (atomically) and then the round's metrics line.
+checkpoint (atomically) and then the round's metrics line. A fresh run draws a random run key;
+clients keep their state (model copy, residual) under that key only.
 """
 
 from __future__ import annotations
 
+import secrets
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -21,7 +23,8 @@ from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec
 from fedglm.errors import InputError
 from fedglm.model import build_model
-from fedglm.payload import expected_shapes, round_config, state_record
+from fedglm.payload import round_config
+from fedglm.server.broadcast import Broadcast
 from fedglm.server.checkpoint import Checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
 from fedglm.server.rounds import run_rounds
 from fedglm.server.strategy import FedglmAvg
@@ -55,38 +58,50 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
     if checkpoint is not None:
         if checkpoint.fingerprint != fingerprint:
             raise InputError(f"{out_dir}: its checkpoint is of another model shape; use a new out_dir")
-        model.load_state_dict(checkpoint.state)
+        broadcast = Broadcast(checkpoint.state, residual=checkpoint.residual)
+        run_key = checkpoint.run_key
         first_round = checkpoint.round + 1
         metrics.truncate_after(out_dir, checkpoint.round)
         log(INFO, "Resuming from the checkpoint of round %d", checkpoint.round)
-    elif (out_dir / metrics.METRICS_NAME).exists():
-        metrics.truncate_after(out_dir, 0)
+    else:
+        broadcast = Broadcast(dict(model.state_dict()), initial=True)
+        run_key = secrets.token_hex(8)
+        if (out_dir / metrics.METRICS_NAME).exists():
+            metrics.truncate_after(out_dir, 0)
 
     if first_round > fed.rounds:
         log(INFO, "All %d rounds are already done in %s", fed.rounds, out_dir)
         return
 
     strategy = FedglmAvg(
-        expected=expected_shapes(model),
+        broadcast=broadcast,
+        compression=fed.compression,
+        run_key=run_key,
         min_clients=fed.min_clients,
         fraction_train=fed.fraction_train,
         weighting=fed.weighting,
     )
     strategy.summary()
 
-    def persist(server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
-        state = arrays.to_torch_state_dict(keep_input=True)
-        save_checkpoint(out_dir, Checkpoint(round=server_round, state=dict(state), fingerprint=fingerprint))
+    def persist(server_round: int, row: dict[str, Any]) -> None:
+        checkpoint = Checkpoint(
+            round=server_round,
+            state=broadcast.state,
+            residual=broadcast.residual,
+            run_key=run_key,
+            fingerprint=fingerprint,
+        )
+        save_checkpoint(out_dir, checkpoint)
         metrics.append_round(out_dir, row)
         log(INFO, "round %d: %s", server_round, row)
 
     run_rounds(
         grid,
         strategy,
-        arrays=state_record(model),
         first_round=first_round,
         last_round=fed.rounds,
         train_config=ConfigRecord(round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)),
+        dense_model_bytes=4 * sum(t.numel() for t in broadcast.state.values()),
         timeout=fed.round_timeout_s,
         on_round=persist,
     )

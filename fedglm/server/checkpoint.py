@@ -2,8 +2,10 @@
 
 `checkpoint.pt` in the run folder is replaced atomically after every round, so a killed server
 always finds either the previous or the new checkpoint, never a torn one. It records the round,
-the model's weights, and a fingerprint of the model's shape: resuming with a different model is
-refused rather than silently mixed.
+the global model's weights (as the clients hold them), the downlink residual (what the server
+has not sent yet), the run key (clients keep their own state for this key only), and a
+fingerprint of the model's shape: resuming with a different model is refused rather than
+silently mixed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fedglm.atomic import atomic_write
 from fedglm.errors import InputError
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def model_fingerprint(model_config: dict[str, Any]) -> str:
@@ -31,6 +33,8 @@ def model_fingerprint(model_config: dict[str, Any]) -> str:
 class Checkpoint:
     round: int
     state: dict[str, torch.Tensor]
+    residual: dict[str, torch.Tensor]
+    run_key: str
     fingerprint: str
 
 
@@ -41,6 +45,8 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
         "round": checkpoint.round,
         "fingerprint": checkpoint.fingerprint,
         "state": checkpoint.state,
+        "residual": checkpoint.residual,
+        "run_key": checkpoint.run_key,
     }
     atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
@@ -56,7 +62,11 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
         if payload["format"] != FORMAT_VERSION:
             raise InputError(f"{path}: checkpoint format {payload['format']} is not supported")
         return Checkpoint(
-            round=int(payload["round"]), state=payload["state"], fingerprint=payload["fingerprint"]
+            round=int(payload["round"]),
+            state=payload["state"],
+            residual=payload["residual"],
+            run_key=str(payload["run_key"]),
+            fingerprint=payload["fingerprint"],
         )
     except InputError:
         raise

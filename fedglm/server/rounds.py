@@ -2,8 +2,9 @@
 
 A readable function rather than `Strategy.start`, because fedglm needs what `start` does not
 give: rounds that resume from a checkpoint, bytes measured on the messages actually sent and
-received, and a hook that persists each round (checkpoint first, then the metrics line) before
-the next begins.
+received, a node that lost its copy of the model sent the full model within the same round,
+and a hook that persists each round (checkpoint first, then the metrics line) before the next
+begins.
 """
 
 from __future__ import annotations
@@ -14,57 +15,81 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedglm.errors import CheckFailed
-from fedglm.payload import ARRAYS_KEY, dense_array_bytes, wire_bytes
+from fedglm.payload import ARRAYS_KEY, STALE_MODEL, wire_bytes
+from fedglm.server.strategy import REJECTED_PREFIX
 
 REPLY_POLL_S = 0.2
 
 
 class Strategy(Protocol):
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Any: ...
+    def configure_train(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]: ...
 
-    def aggregate_train(
-        self, server_round: int, replies: Any
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
+    def aggregate_train(self, server_round: int, replies: list[Message]) -> MetricRecord | None: ...
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Any: ...
+    def configure_evaluate(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]: ...
 
-    def aggregate_evaluate(self, server_round: int, replies: Any) -> MetricRecord | None: ...
+    def aggregate_evaluate(self, server_round: int, replies: list[Message]) -> MetricRecord | None: ...
+
+    def full_model(self, message: Message) -> Message: ...
 
 
 @dataclass
 class Traffic:
+    """Bytes of one round, both directions, as sent; and what dense fp32 tensors would weigh.
+
+    `dense_model_bytes`: the model as dense fp32 values. A message's dense equivalent is its
+    size with its `arrays` record replaced by that many bytes (evaluation replies carry no
+    arrays and count as they are).
+    """
+
+    dense_model_bytes: int
     upload_bytes: int = 0
     download_bytes: int = 0
     dense_upload_bytes: int = 0
+    dense_download_bytes: int = 0
 
-    def exchange(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-        """Send `messages`, wait for the replies, and count both directions."""
-        sizes: dict[int, int] = {}  # messages to several clients share one content object
+    def _dense(self, content: Any, size: int) -> int:
+        arrays = content.array_records.get(ARRAYS_KEY)
+        return size if arrays is None else size - wire_bytes(arrays) + self.dense_model_bytes
+
+    def exchange(
+        self, grid: Grid, messages: list[Message], timeout: float, resend: Callable[[Message], Message]
+    ) -> list[Message]:
+        """Send `messages`, wait for the replies, and count both directions.
+
+        A node that answers `stale-model` (it cannot build the round's model from what it
+        holds) is sent `resend(message)`, the full model, once.
+        """
+        replies = self._send(grid, messages, timeout)
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        stale = [r for r in replies if r.has_error() and STALE_MODEL in r.error.reason]
+        if stale:
+            log(INFO, "%d node(s) need the full model", len(stale))
+            again = [resend(by_node[r.metadata.src_node_id]) for r in stale]
+            replies = [r for r in replies if r not in stale] + self._send(grid, again, timeout)
+        return replies
+
+    def _send(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+        sizes: dict[int, tuple[int, int]] = {}  # messages to several clients share one content object
         for message in messages:
             key = id(message.content)
             if key not in sizes:
-                sizes[key] = wire_bytes(message.content)
-            self.download_bytes += sizes[key]
+                size = wire_bytes(message.content)
+                sizes[key] = (size, self._dense(message.content, size))
+            self.download_bytes += sizes[key][0]
+            self.dense_download_bytes += sizes[key][1]
         replies = send_and_receive(grid, messages, timeout)
         for reply in replies:
             if reply.has_error():
                 continue
-            sent = wire_bytes(reply.content)
-            self.upload_bytes += sent
-            arrays = reply.content.array_records.get(ARRAYS_KEY)
-            if arrays is None:
-                self.dense_upload_bytes += sent
-            else:
-                self.dense_upload_bytes += sent - wire_bytes(arrays) + dense_array_bytes(arrays)
+            size = wire_bytes(reply.content)
+            self.upload_bytes += size
+            self.dense_upload_bytes += self._dense(reply.content, size)
         return replies
 
 
@@ -90,52 +115,44 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     return replies
 
 
-RoundHook = Callable[[int, ArrayRecord, dict[str, Any]], None]
+RoundHook = Callable[[int, dict[str, Any]], None]
 
 
 def run_rounds(
     grid: Grid,
     strategy: Strategy,
     *,
-    arrays: ArrayRecord,
     first_round: int,
     last_round: int,
     train_config: ConfigRecord,
+    dense_model_bytes: int,
     timeout: float,
     on_round: RoundHook,
-) -> ArrayRecord:
+) -> None:
     """Run rounds `first_round..last_round`; `on_round` persists each finished round."""
     for server_round in range(first_round, last_round + 1):
         log(INFO, "[ROUND %d/%d]", server_round, last_round)
         start = time.perf_counter()
-        traffic = Traffic()
+        traffic = Traffic(dense_model_bytes)
 
         started = time.perf_counter()
-        messages = list(
-            strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-        )
-        replies = traffic.exchange(grid, messages, timeout)
+        messages = strategy.configure_train(server_round, ConfigRecord(dict(train_config)), grid)
+        replies = traffic.exchange(grid, messages, timeout, strategy.full_model)
         log(INFO, "round %d: training exchange %.1f s", server_round, time.perf_counter() - started)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is None or train_metrics is None:
+        train_metrics = strategy.aggregate_train(server_round, replies)
+        rejections = _rejections(train_metrics)
+        if train_metrics is None or not train_metrics.get("clients"):
             raise CheckFailed(
-                f"round {server_round}: no valid training reply from {len(messages)} client(s); "
-                "see the client logs"
+                f"round {server_round}: no valid training reply from {len(messages)} client(s)"
+                + (f" (rejected: {rejections})" if rejections else "")
+                + "; see the client logs"
             )
-        arrays = new_arrays
 
         started = time.perf_counter()
-        messages = list(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(train_config)), grid)
-        )
-        eval_metrics = strategy.aggregate_evaluate(server_round, traffic.exchange(grid, messages, timeout))
-        log(
-            INFO,
-            "round %d: evaluation exchange %.1f s",
-            server_round,
-            time.perf_counter() - started,
-        )
-        eval_metrics = eval_metrics or MetricRecord()
+        messages = strategy.configure_evaluate(server_round, ConfigRecord(dict(train_config)), grid)
+        eval_replies = traffic.exchange(grid, messages, timeout, strategy.full_model)
+        eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies) or MetricRecord()
+        log(INFO, "round %d: evaluation exchange %.1f s", server_round, time.perf_counter() - started)
 
         row: dict[str, Any] = {
             "round": server_round,
@@ -145,9 +162,19 @@ def run_rounds(
             "upload_bytes": traffic.upload_bytes,
             "download_bytes": traffic.download_bytes,
             "dense_upload_bytes": traffic.dense_upload_bytes,
+            "dense_download_bytes": traffic.dense_download_bytes,
             "clients": int(train_metrics.get("clients", 0)),
+            "rejected_updates": sum(rejections.values()),
+            "rejections": rejections,
             "epsilon_max": None,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        on_round(server_round, arrays, row)
-    return arrays
+        on_round(server_round, row)
+
+
+def _rejections(metrics: MetricRecord | None) -> dict[str, int]:
+    if metrics is None:
+        return {}
+    return {
+        k.removeprefix(REJECTED_PREFIX): int(v) for k, v in metrics.items() if k.startswith(REJECTED_PREFIX)
+    }

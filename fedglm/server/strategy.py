@@ -1,118 +1,170 @@
-"""fedglm's aggregation strategy: FedAvg that checks every reply before it touches the model.
+"""fedglm's aggregation strategy: federated averaging of compressed, checked updates.
 
-It speaks Flower's four strategy verbs (`configure_train`, `aggregate_train`,
-`configure_evaluate`, `aggregate_evaluate`) so the round loop, or Flower's own `Strategy.start`,
-can drive it. What it adds to stock FedAvg:
-- every reply is validated against the model's expected names, shapes and dtype, and must be
-  finite; a bad reply is dropped with a log line, never averaged in;
-- weights are uniform by default, because a site's record count is private; a coordinator may
+It keeps Flower's four strategy verbs (`configure_train`, `aggregate_train`,
+`configure_evaluate`, `aggregate_evaluate`), driven by fedglm's own round loop. The model
+itself lives in a `Broadcast` (the copy every client holds); messages carry compressed
+payloads (`compression/FORMAT.md`), never the model as dense tensors.
+- Each reply's payload is parsed and checked in full (format, checksum, names, shapes, index
+  ranges, finite values, the round and the model it was built on) before any of it is added;
+  a bad payload leaves that client out of the round, logged and counted by reason.
+- Accepted updates are decoded one at a time into one preallocated fp32 accumulator: memory
+  is linear in the model size, not in the number of clients.
+- Weights are uniform by default, because a site's record count is private; a coordinator may
   ask for record-count weights, used only in a round where every replying site declared its
-  count public;
-- accumulation is in fp32 tensors, one reply at a time (no stacked copies of all replies).
+  count public.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Literal
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType, log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedglm.payload import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, PayloadError, read_state
+from fedglm.compression import CODECS, Kind, PayloadError, check_header, decode
+from fedglm.config import CompressionConfig
+from fedglm.payload import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, payload_record, read_payload
+from fedglm.server.broadcast import Broadcast
 
 Weighting = Literal["uniform", "records"]
+REJECTED_PREFIX = "rejected/"
 
 
 class FedglmAvg:
-    """Federated averaging of validated replies; see the module docstring."""
+    """Federated averaging of validated compressed updates; see the module docstring."""
 
     def __init__(
         self,
         *,
-        expected: Mapping[str, tuple[int, ...]],
+        broadcast: Broadcast,
+        compression: CompressionConfig,
+        run_key: str,
         min_clients: int,
         fraction_train: float = 1.0,
         weighting: Weighting = "uniform",
     ) -> None:
-        self.expected = dict(expected)
+        self.broadcast = broadcast
+        self.compression = compression
+        self.run_key = run_key
         self.min_clients = min_clients
         self.fraction_train = fraction_train
         self.weighting = weighting
+        self._sum = {name: np.zeros(math.prod(s), dtype=np.float32) for name, s in broadcast.shapes.items()}
 
     def summary(self) -> None:
+        up, down = self.compression.uplink, self.compression.downlink
         log(
             INFO,
-            "FedglmAvg: min_clients=%d fraction_train=%.2f weighting=%s",
+            "FedglmAvg: min_clients=%d fraction_train=%.2f weighting=%s uplink=%s@%g downlink=%s@%g",
             self.min_clients,
             self.fraction_train,
             self.weighting,
+            up.codec,
+            up.density,
+            down.codec,
+            down.density,
         )
 
     def _messages(
-        self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, fraction: float, kind: str
+        self, grid: Grid, server_round: int, config: ConfigRecord, fraction: float, kind: str
     ) -> list[Message]:
         available = len(list(grid.get_node_ids()))
         sample_size = max(int(available * fraction), self.min_clients)
         node_ids, _ = sample_nodes(grid, self.min_clients, sample_size)
-        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-        return [Message(content=content, message_type=kind, dst_node_id=n) for n in node_ids]
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
         config["server-round"] = server_round
-        return self._messages(grid, arrays, config, self.fraction_train, MessageType.TRAIN)
+        config["run-key"] = self.run_key
+        up = self.compression.uplink
+        config["uplink.codec"] = up.codec
+        config["uplink.density"] = up.density_for(server_round)
+        config["uplink.selection"] = up.selection
+        # Nodes sent the same payload share one content object (it is serialized once).
+        contents: dict[int, RecordDict] = {}
+        messages = []
+        for node in node_ids:
+            blob = self.broadcast.payload_for(node, server_round)
+            if id(blob) not in contents:
+                contents[id(blob)] = RecordDict({ARRAYS_KEY: payload_record(blob), CONFIG_KEY: config})
+            messages.append(Message(content=contents[id(blob)], message_type=kind, dst_node_id=node))
+        return messages
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        config["server-round"] = server_round
-        return self._messages(grid, arrays, config, 1.0, MessageType.EVALUATE)
+    def configure_train(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
+        return self._messages(grid, server_round, config, self.fraction_train, MessageType.TRAIN)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted: list[tuple[dict[str, torch.Tensor], MetricRecord]] = []
-        for reply in _successful(replies, server_round):
+    def configure_evaluate(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
+        return self._messages(grid, server_round, config, 1.0, MessageType.EVALUATE)
+
+    def full_model(self, message: Message) -> Message:
+        """The same message with the full model, for a node that answered `stale-model`."""
+        node = message.metadata.dst_node_id
+        self.broadcast.forget(node)
+        config = ConfigRecord(dict(message.content.config_records[CONFIG_KEY]))
+        server_round = int(config["server-round"])
+        content = RecordDict(
+            {ARRAYS_KEY: payload_record(self.broadcast.full(server_round)), CONFIG_KEY: config}
+        )
+        return Message(content=content, message_type=message.metadata.message_type, dst_node_id=node)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        good = _successful(replies, server_round)
+        weights = self._weights([_metrics(r) for r in good], server_round)
+        rejected: Counter[str] = Counter()
+        for total in self._sum.values():
+            total.fill(0.0)
+        accepted: list[MetricRecord] = []
+        weight_sum = 0.0
+        for reply, weight in zip(good, weights, strict=True):
+            node = reply.metadata.src_node_id
             try:
-                state = read_state(reply.content, self.expected)
+                blob = read_payload(reply.content)
+                if blob is None:
+                    raise PayloadError("the reply carries dense tensors, not a fedglm payload", "bad-record")
+                header, tensors = decode(blob, self.broadcast.shapes)
+                check_header(header, kind=Kind.UPDATE, round=server_round, base=self.broadcast.hash)
             except PayloadError as exc:
+                rejected[exc.reason] += 1
                 log(
                     WARNING,
-                    "round %d: dropped reply from node %d: %s",
+                    "round %d: left out the update of node %d (%s): %s",
                     server_round,
-                    reply.metadata.src_node_id,
+                    node,
+                    exc.reason,
                     exc,
                 )
                 continue
-            accepted.append((state, reply.content.metric_records.get(METRICS_KEY, MetricRecord())))
-        if not accepted:
-            return None, None
-        weights = self._weights([metrics for _, metrics in accepted], server_round)
-        total = sum(weights)
-        average = {name: torch.zeros(shape, dtype=torch.float32) for name, shape in self.expected.items()}
-        for (state, _), weight in zip(accepted, weights, strict=True):
-            for name, tensor in state.items():
-                average[name].add_(tensor, alpha=weight / total)
-        metrics = _mean_metrics([m for _, m in accepted], ("train_loss",))
+            for name, change in tensors.items():
+                change.add_to(self._sum[name], weight)
+            weight_sum += weight
+            accepted.append(_metrics(reply))
+            self.broadcast.holds(node)
+        metrics = _mean_metrics(accepted, ("train_loss",))
         metrics["clients"] = len(accepted)
-        return ArrayRecord(average), metrics
+        for reason, count in rejected.items():
+            metrics[REJECTED_PREFIX + reason] = count
+        if not accepted:
+            return metrics
+        for total in self._sum.values():
+            total *= np.float32(1.0 / weight_sum)
+        down = self.compression.downlink
+        self.broadcast.advance(
+            self._sum, server_round, codec=CODECS[down.codec], density=down.density, selection=down.selection
+        )
+        return metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        records = [
-            reply.content.metric_records.get(METRICS_KEY, MetricRecord())
-            for reply in _successful(replies, server_round)
-        ]
-        if not records:
+        good = _successful(replies, server_round)
+        for reply in good:
+            self.broadcast.holds(reply.metadata.src_node_id)
+        if not good:
             return None
-        metrics = _mean_metrics(records, ("val_loss", "val_bpb"))
-        metrics["clients"] = len(records)
+        metrics = _mean_metrics([_metrics(r) for r in good], ("val_loss", "val_bpb"))
+        metrics["clients"] = len(good)
         return metrics
 
     def _weights(self, metrics: list[MetricRecord], server_round: int) -> list[float]:
@@ -126,14 +178,14 @@ class FedglmAvg:
             )
             return [1.0] * len(metrics)
         counts = [float(m.get("weight", 0.0)) for m in metrics]
-        if any(c <= 0 for c in counts):
-            log(
-                WARNING,
-                "round %d: a record count is not positive; averaging uniformly",
-                server_round,
-            )
+        if any(not math.isfinite(c) or c <= 0 for c in counts):
+            log(WARNING, "round %d: a record count is not positive; averaging uniformly", server_round)
             return [1.0] * len(metrics)
         return counts
+
+
+def _metrics(reply: Message) -> MetricRecord:
+    return reply.content.metric_records.get(METRICS_KEY, MetricRecord())
 
 
 def _successful(replies: Iterable[Message], server_round: int) -> list[Message]:

@@ -1,0 +1,62 @@
+"""How a site obtains the round's global model from a downlink payload.
+
+The payload names the model it produces (`target`, a SHA-256 of the weights). In order:
+1. the site already holds `target` (it got it with the last evaluation): nothing to apply;
+2. a DELTA built on the model the site holds: apply it, and the result must hash to `target`;
+3. a FULL model: take it, and it must hash to `target`;
+4. INIT (round 1): build the model from the run's seed; it must hash to `target`.
+Anything else raises `StaleModel`; the coordinator then sends that site the full model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedglm.clients.state import HeldModel
+from fedglm.compression import Kind, PayloadError, decode, model_hash
+from fedglm.compression.update import apply
+from fedglm.config import ModelConfig
+from fedglm.model import build_model
+from fedglm.payload import STALE_MODEL
+
+
+class StaleModel(RuntimeError):
+    """The site cannot build the round's model from what it holds and what it was sent."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{STALE_MODEL}: {detail}")
+
+
+def receive_model(blob: bytes, *, held: HeldModel | None, run: str, model_cfg: ModelConfig) -> HeldModel:
+    initial = build_model(model_cfg.glm_args(), model_cfg.init_seed)
+    shapes = {name: tuple(t.shape) for name, t in initial.state_dict().items()}
+    header, tensors = decode(blob, shapes)
+    target = header.target
+    if held is not None and held.hash == target:
+        return held
+    if header.kind == Kind.DELTA:
+        if held is None or held.hash != header.base:
+            holds = "nothing" if held is None else held.hash.hex()[:12]
+            raise StaleModel(f"the change is built on {header.base.hex()[:12]}, this site holds {holds}")
+        state = held.state
+        apply(state, tensors)
+    elif header.kind == Kind.FULL:
+        if set(tensors) != set(shapes):
+            raise PayloadError("a full model must carry every tensor", "bad-kind")
+        state = {
+            name: torch.from_numpy(tensors[name].dense(math.prod(shape)).reshape(shape).copy())
+            for name, shape in shapes.items()
+        }
+    elif header.kind == Kind.INIT:
+        state = {name: t.detach().clone() for name, t in initial.state_dict().items()}
+    else:
+        raise PayloadError(f"a {header.kind.name} payload cannot carry a global model", "bad-kind")
+    new_hash = model_hash(state)
+    if new_hash != target:
+        raise StaleModel(
+            f"the model built from a {header.kind.name} payload hashes to "
+            f"{new_hash.hex()[:12]}, not {target.hex()[:12]}"
+        )
+    return HeldModel(run, new_hash, state)
