@@ -10,21 +10,36 @@ from fedglm.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoin
 
 def test_checkpoint_round_trip_and_no_leftover_temp_files(tmp_path: Path) -> None:
     assert load_checkpoint(tmp_path) is None
-    save_checkpoint(tmp_path, Checkpoint(round=3, state={"w": torch.ones(2)}, fingerprint="abc"))
+    save_checkpoint(
+        tmp_path,
+        Checkpoint(
+            round=3,
+            state={"w": torch.ones(2)},
+            residual={"w": torch.zeros(2)},
+            run_key="k",
+            fingerprint="abc",
+        ),
+    )
     loaded = load_checkpoint(tmp_path)
     assert loaded is not None and loaded.round == 3 and torch.equal(loaded.state["w"], torch.ones(2))
+    assert loaded.run_key == "k" and torch.equal(loaded.residual["w"], torch.zeros(2))
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
-    save_checkpoint(tmp_path, Checkpoint(round=1, state={"w": torch.ones(1)}, fingerprint="a"))
+    save_checkpoint(
+        tmp_path, Checkpoint(round=1, state={"w": torch.ones(1)}, residual={}, run_key="k", fingerprint="a")
+    )
 
     class Unsaveable:
         def __reduce__(self) -> tuple[object, ...]:
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        save_checkpoint(tmp_path, Checkpoint(round=2, state={"w": Unsaveable()}, fingerprint="a"))  # type: ignore[dict-item]
+        save_checkpoint(
+            tmp_path,
+            Checkpoint(round=2, state={"w": Unsaveable()}, residual={}, run_key="k", fingerprint="a"),
+        )  # type: ignore[dict-item]
     loaded = load_checkpoint(tmp_path)
     assert loaded is not None and loaded.round == 1
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]

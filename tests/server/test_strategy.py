@@ -1,3 +1,4 @@
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -5,19 +6,24 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedglm.payload import ARRAYS_KEY, METRICS_KEY
-from fedglm.server.strategy import FedglmAvg
+from fedglm import compression
+from fedglm.compression import CODECS, NO_HASH, Header, Kind
+from fedglm.config import CompressionConfig, LinkConfig
+from fedglm.payload import ARRAYS_KEY, METRICS_KEY, payload_record
+from fedglm.server.broadcast import Broadcast
+from fedglm.server.strategy import REJECTED_PREFIX, FedglmAvg
 
 SHAPES = {"w": (2, 2), "b": (2,)}
+DENSE_DOWNLINK = CompressionConfig(downlink=LinkConfig(codec="dense"))
 
 
 class FakeReply:
     """A reply as the strategy reads it: content, metadata.src_node_id, errors."""
 
-    def __init__(self, arrays: dict[str, Any] | None, metrics: dict[str, Any], node: int = 1) -> None:
+    def __init__(self, arrays: ArrayRecord | None, metrics: dict[str, Any], node: int = 1) -> None:
         content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
         if arrays is not None:
-            content[ARRAYS_KEY] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+            content[ARRAYS_KEY] = arrays
         self.content = content
         self.metadata = type("M", (), {"src_node_id": node})()
 
@@ -25,73 +31,110 @@ class FakeReply:
         return False
 
 
-def state(value: float) -> dict[str, Any]:
-    return {
-        "w": np.full((2, 2), value, dtype=np.float32),
-        "b": np.full((2,), value, dtype=np.float32),
-    }
+def make_strategy(weighting: str = "uniform") -> FedglmAvg:
+    broadcast = Broadcast({name: torch.zeros(shape) for name, shape in SHAPES.items()}, initial=True)
+    return FedglmAvg(
+        broadcast=broadcast,
+        compression=DENSE_DOWNLINK,
+        run_key="run",
+        min_clients=1,
+        weighting=weighting,  # type: ignore[arg-type]
+    )
+
+
+def update(
+    strategy: FedglmAvg, value: float, *, round: int = 1, codec: str = "dense", base: bytes | None = None
+) -> ArrayRecord:
+    values = {name: np.full(int(np.prod(s)), value, dtype=np.float32) for name, s in SHAPES.items()}
+    header = Header(Kind.UPDATE, CODECS[codec].codec_id, round, base or strategy.broadcast.hash, NO_HASH)
+    return payload_record(compression.encode(values, SHAPES, CODECS[codec], header, density=1.0))
 
 
 def replies(*items: FakeReply) -> list[Message]:
     return list(items)  # type: ignore[arg-type]
 
 
-def test_uniform_average_ignores_record_counts() -> None:
-    strategy = FedglmAvg(expected=SHAPES, min_clients=2)
-    arrays, metrics = strategy.aggregate_train(
+def test_uniform_average_of_updates_moves_the_broadcast_model() -> None:
+    strategy = make_strategy()
+    metrics = strategy.aggregate_train(
         1,
         replies(
-            FakeReply(state(1.0), {"train_loss": 2.0, "weight": 100.0, "records-public": 1}),
-            FakeReply(state(3.0), {"train_loss": 4.0, "weight": 1.0, "records-public": 0}),
+            FakeReply(
+                update(strategy, 1.0), {"train_loss": 2.0, "weight": 100.0, "records-public": 1}, node=1
+            ),
+            FakeReply(update(strategy, 3.0), {"train_loss": 4.0, "weight": 1.0, "records-public": 0}, node=2),
         ),
     )
-    assert arrays is not None and metrics is not None
-    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 2.0))
-    assert metrics["train_loss"] == 3.0 and metrics["clients"] == 2
+    assert metrics is not None and metrics["train_loss"] == 3.0 and metrics["clients"] == 2
+    assert torch.equal(strategy.broadcast.state["w"], torch.full((2, 2), 2.0))
+    assert strategy.broadcast.holders == {1: strategy.broadcast.previous, 2: strategy.broadcast.previous}
 
 
 def test_record_weights_only_when_every_site_declares_them() -> None:
-    strategy = FedglmAvg(expected=SHAPES, min_clients=2, weighting="records")
+    strategy = make_strategy("records")
     public = [
-        FakeReply(state(1.0), {"weight": 3.0, "records-public": 1}),
-        FakeReply(state(5.0), {"weight": 1.0, "records-public": 1}),
+        FakeReply(update(strategy, 1.0), {"weight": 3.0, "records-public": 1}),
+        FakeReply(update(strategy, 5.0), {"weight": 1.0, "records-public": 1}),
     ]
-    arrays, _ = strategy.aggregate_train(1, replies(*public))
-    assert arrays is not None
-    assert torch.allclose(arrays.to_torch_state_dict()["b"], torch.full((2,), 2.0))
-    mixed = [public[0], FakeReply(state(5.0), {"weight": 1.0, "records-public": 0})]
-    arrays, _ = strategy.aggregate_train(1, replies(*mixed))
-    assert arrays is not None
-    assert torch.allclose(arrays.to_torch_state_dict()["b"], torch.full((2,), 3.0))
+    strategy.aggregate_train(1, replies(*public))
+    assert torch.equal(strategy.broadcast.state["b"], torch.full((2,), 2.0))
+    strategy = make_strategy("records")
+    mixed = [
+        FakeReply(update(strategy, 1.0), {"weight": 3.0, "records-public": 1}),
+        FakeReply(update(strategy, 5.0), {"weight": 1.0, "records-public": 0}),
+    ]
+    strategy.aggregate_train(1, replies(*mixed))
+    assert torch.equal(strategy.broadcast.state["b"], torch.full((2,), 3.0))
+
+
+def _corrupt(record: ArrayRecord) -> ArrayRecord:
+    """The last value of a dense update set to NaN, with a valid checksum."""
+    blob = bytes(record["payload"].data)
+    body = blob[:-36] + np.array([np.nan], dtype="<f4").tobytes()
+    return payload_record(body + hashlib.sha256(body).digest())
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "reason"),
     [
-        {"w": np.full((2, 2), np.nan, dtype=np.float32), "b": np.zeros(2, dtype=np.float32)},
-        {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)},
-        {"w": np.zeros((2, 2), dtype=np.float64), "b": np.zeros(2, dtype=np.float32)},
-        {"w": np.zeros((2, 2), dtype=np.float32)},
-        None,
+        (lambda s: update(s, float("nan")), "non-finite"),
+        (lambda s: update(s, 1.0, round=2), "wrong-round"),
+        (lambda s: update(s, 1.0, base=b"\x01" * 32), "stale-base"),
+        (lambda s: ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))}), "bad-record"),
+        (lambda s: None, "no-payload"),
+        (lambda s: payload_record(b"FGLM" + b"\x00" * 10), "truncated"),
+        (lambda s: payload_record(bytes(update(s, 1.0)["payload"].data)[:-1] + b"\x00"), "checksum"),
+        (lambda s: _corrupt(update(s, 1.0)), "non-finite"),
     ],
 )
-def test_bad_replies_are_dropped_not_averaged(bad: dict[str, Any] | None) -> None:
-    strategy = FedglmAvg(expected=SHAPES, min_clients=1)
-    arrays, metrics = strategy.aggregate_train(1, replies(FakeReply(bad, {}), FakeReply(state(7.0), {})))
-    assert arrays is not None and metrics is not None and metrics["clients"] == 1
-    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2, 2), 7.0))
+def test_bad_updates_are_left_out_and_counted(bad: Any, reason: str) -> None:
+    strategy = make_strategy()
+    metrics = strategy.aggregate_train(
+        1, replies(FakeReply(bad(strategy), {}, node=1), FakeReply(update(strategy, 7.0), {}, node=2))
+    )
+    assert metrics is not None and metrics["clients"] == 1
+    assert metrics[REJECTED_PREFIX + reason] == 1
+    assert torch.equal(strategy.broadcast.state["w"], torch.full((2, 2), 7.0))
+    assert 1 not in strategy.broadcast.holders
 
 
-def test_no_valid_reply_gives_nothing() -> None:
-    strategy = FedglmAvg(expected=SHAPES, min_clients=1)
-    assert strategy.aggregate_train(1, replies(FakeReply(None, {}))) == (None, None)
+def test_no_valid_update_leaves_the_model_alone() -> None:
+    strategy = make_strategy()
+    before = strategy.broadcast.hash
+    metrics = strategy.aggregate_train(1, replies(FakeReply(None, {})))
+    assert metrics is not None and metrics["clients"] == 0
+    assert strategy.broadcast.hash == before
 
 
-def test_evaluate_means() -> None:
-    strategy = FedglmAvg(expected=SHAPES, min_clients=1)
+def test_evaluate_means_and_marks_holders() -> None:
+    strategy = make_strategy()
     metrics = strategy.aggregate_evaluate(
         1,
-        replies(FakeReply(None, {"val_loss": 1.0, "val_bpb": 2.0}), FakeReply(None, {"val_loss": 3.0})),
+        replies(
+            FakeReply(None, {"val_loss": 1.0, "val_bpb": 2.0}, node=4),
+            FakeReply(None, {"val_loss": 3.0}, node=5),
+        ),
     )
     assert metrics is not None
     assert (metrics["val_loss"], metrics["val_bpb"], metrics["clients"]) == (2.0, 2.0, 2)
+    assert set(strategy.broadcast.holders) == {4, 5}
