@@ -1,25 +1,57 @@
-"""The baseline for bench/round_overhead.py: Flower's own FedAvg driving the same ClientApp.
+"""The baseline of the benchmarks: Flower's own FedAvg driving fedglm's ClientApp, dense fp32.
 
 It reads the same run spec as fedglm's ServerApp (model, local training, rounds) and runs
-`flwr.serverapp.strategy.FedAvg(...).start(...)` as a Flower user would write it.
+`flwr.serverapp.strategy.FedAvg(...).start(...)` as a Flower user would write it. The grid is
+wrapped to count the bytes of every message pushed and pulled (serialized records, as fedglm
+counts its own), and a `metrics.jsonl` with fedglm's keys is written into the run folder.
 """
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from fedglm import metrics
 from fedglm.model import build_model
-from fedglm.payload import round_config, state_record
+from fedglm.payload import CONFIG_KEY, round_config, state_record, wire_bytes
 from fedglm.server.app import read_spec
 
 app = ServerApp()
 
 
+class CountingGrid:
+    """A Grid that counts the bytes of each round: messages sent down, replies up."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.down: dict[int, int] = defaultdict(int)
+        self.up: dict[int, int] = defaultdict(int)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        rnd = int(messages[0].content.config_records[CONFIG_KEY]["server-round"])  # type: ignore[arg-type]
+        self.down[rnd] += sum(wire_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.up[rnd] += sum(wire_bytes(r.content) for r in replies if not r.has_error())
+        return replies
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    fed = read_spec(context).federation
+    spec = read_spec(context)
+    fed = spec.federation
     model = build_model(fed.model.glm_args(), fed.model.init_seed)
     strategy = FedAvg(
         fraction_train=fed.fraction_train,
@@ -30,11 +62,30 @@ def main(grid: Grid, context: Context) -> None:
         weighted_by_key="weight",
     )
     config = round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)
-    strategy.start(
-        grid=grid,
+    counting = CountingGrid(grid)
+    result = strategy.start(
+        grid=counting,  # type: ignore[arg-type]
         initial_arrays=state_record(model),
         num_rounds=fed.rounds,
         timeout=fed.round_timeout_s,
         train_config=ConfigRecord(config),
         evaluate_config=ConfigRecord(config),
     )
+    dense = sum(p.numel() * 4 for p in model.state_dict().values())
+    for rnd in range(1, fed.rounds + 1):
+        train = result.train_metrics_clientapp.get(rnd, {})
+        evaluation = result.evaluate_metrics_clientapp.get(rnd, {})
+        row: dict[str, Any] = {
+            "round": rnd,
+            "train_loss": train.get("train_loss"),
+            "val_loss": evaluation.get("val_loss"),
+            "val_bpb": evaluation.get("val_bpb"),
+            "upload_bytes": counting.up[rnd],
+            "download_bytes": counting.down[rnd],
+            "dense_upload_bytes": counting.up[rnd],
+            "dense_model_bytes": dense,
+            "clients": fed.min_clients,
+            "epsilon_max": None,
+            "seconds": None,
+        }
+        metrics.append_round(spec.out_dir, row)

@@ -105,7 +105,7 @@ def _to_half(values: np.ndarray, exponent: int) -> np.ndarray:
 
 
 def _from_half(halves: np.ndarray, exponent: int) -> np.ndarray:
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         out: np.ndarray = np.ldexp(halves.astype(np.float32), exponent)
     _finite(out, "fp16 values")
     return out

@@ -93,8 +93,19 @@ def _gaps_encode(positions: np.ndarray) -> bytes:
 
 
 def _gaps_decode(code: memoryview, k: int) -> np.ndarray:
+    """Gaps from one zstd frame that must declare exactly 4k bytes of content, with nothing after
+    it: the declared size is checked before anything is allocated (a frame may claim any size)."""
     try:
+        declared = zstandard.get_frame_parameters(code).content_size
+        if declared != 4 * k:
+            raise PayloadError(
+                f"index block declares {declared} bytes of gaps, {4 * k} expected", "bad-indices"
+            )
         raw = zstandard.ZstdDecompressor().decompress(code, max_output_size=4 * k)
+        stream = zstandard.ZstdDecompressor().decompressobj()
+        stream.decompress(code)
+        if not stream.eof or stream.unused_data:
+            raise PayloadError("index block has bytes after its zstd frame", "bad-indices")
     except zstandard.ZstdError as exc:
         raise PayloadError(f"index block does not decompress ({exc})", "bad-indices") from None
     if len(raw) != 4 * k:
@@ -128,8 +139,10 @@ def decode_positions(data: memoryview, n: int, k: int) -> tuple[np.ndarray, int]
     code = data[_BLOCK.size : end]
     if coder == ELIAS_FANO:
         positions = _elias_fano_decode(code, n, k)
+    elif coder == GAPS_ZSTD and k:
+        positions = _gaps_decode(code, k)
     elif coder == GAPS_ZSTD:
-        positions = _gaps_decode(code, k) if k else np.zeros(0, dtype=np.int64)
+        raise PayloadError("an empty index block must use coder 0 with no bytes", "bad-indices")
     else:
         raise PayloadError(f"unknown index coder {coder}", "bad-indices")
     if k and positions[-1] >= n:
