@@ -39,6 +39,7 @@ from fedglm.compression.select import keep_count, top_k
 from fedglm.compression.wire import PayloadError
 
 HALF_HEADROOM = 15  # the largest value is scaled to just under 2^15 (fp16 max is 65504)
+MAX_EXPONENT = 125  # keeps 2^e and 2^-e normal float32 numbers
 INT8_BLOCK = 1024
 MAX_INT8_BLOCK = 1 << 20
 _U32 = struct.Struct("<I")
@@ -96,17 +97,18 @@ def _half_exponent(values: np.ndarray) -> int:
     peak = float(np.max(np.abs(values))) if values.size else 0.0
     if peak == 0.0 or not math.isfinite(peak):
         return 0
-    return max(-128, min(127, math.ceil(math.log2(peak)) - HALF_HEADROOM))
+    return max(-MAX_EXPONENT, min(MAX_EXPONENT, math.ceil(math.log2(peak)) - HALF_HEADROOM))
 
 
 def _to_half(values: np.ndarray, exponent: int) -> np.ndarray:
-    halves: np.ndarray = np.ldexp(values, -exponent).astype("<f2")
+    # Multiplying by a normal power of two is exact, like ldexp, and several times faster.
+    halves: np.ndarray = (values * np.float32(2.0**-exponent)).astype("<f2")
     return halves
 
 
 def _from_half(halves: np.ndarray, exponent: int) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
-        out: np.ndarray = np.ldexp(halves.astype(np.float32), exponent)
+        out: np.ndarray = halves.astype(np.float32) * np.float32(2.0**exponent)
     _finite(out, "fp16 values")
     return out
 

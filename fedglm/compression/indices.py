@@ -25,6 +25,7 @@ from fedglm.compression.wire import PayloadError
 ELIAS_FANO = 0
 GAPS_ZSTD = 1
 ZSTD_LEVEL = 3
+SAMPLE_GAPS = 1 << 16
 _BLOCK = struct.Struct("<BI")
 
 
@@ -51,8 +52,8 @@ def _elias_fano_encode(positions: np.ndarray, n: int) -> bytes:
     lb = low_bits(n, k)
     low_part = b""
     if lb:
-        shifts = np.arange(lb, dtype=np.int64)
-        low_part = _pack_bits(((positions[:, None] >> shifts) & 1).astype(np.uint8).ravel())
+        low = (positions & ((1 << lb) - 1)).astype("<u4").view(np.uint8).reshape(k, 4)
+        low_part = _pack_bits(np.unpackbits(low, axis=1, bitorder="little")[:, :lb].ravel())
     high_bits = np.zeros(k + ((n - 1) >> lb) + 1, dtype=np.uint8)
     high_bits[(positions >> lb) + np.arange(k, dtype=np.int64)] = 1
     return low_part + _pack_bits(high_bits)
@@ -115,13 +116,19 @@ def _gaps_decode(code: memoryview, k: int) -> np.ndarray:
 
 
 def encode_positions(positions: np.ndarray, n: int) -> bytes:
-    """Index block for strictly increasing int64 `positions` in [0, n)."""
+    """Index block for strictly increasing int64 `positions` in [0, n): the smaller coder.
+
+    Elias-Fano's size is known without encoding. zstd is tried on a prefix of SAMPLE_GAPS
+    gaps first, and on all of them only if the prefix suggests it can win (positions spread
+    uniformly never let it win, and the attempt would cost a pass over them).
+    """
     k = positions.size
     coder, code = ELIAS_FANO, b""
     if k:
-        code = _gaps_encode(positions)
-        coder = GAPS_ZSTD
-        if len(code) >= elias_fano_size(n, k):
+        ef_size = elias_fano_size(n, k)
+        if k <= SAMPLE_GAPS or len(_gaps_encode(positions[:SAMPLE_GAPS])) * k / SAMPLE_GAPS < ef_size:
+            code, coder = _gaps_encode(positions), GAPS_ZSTD
+        if coder == ELIAS_FANO or len(code) >= ef_size:
             coder, code = ELIAS_FANO, _elias_fano_encode(positions, n)
     return _BLOCK.pack(coder, len(code)) + code
 
