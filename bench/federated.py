@@ -47,25 +47,20 @@ from fedglm.server.submit import ControlClient  # noqa: E402
 from fedglm.simulate import local_stack  # noqa: E402
 
 
-def _link(codec: str, density: float = 1.0) -> dict[str, Any]:
-    return {"codec": codec, "density": density}
+def _config(up_codec: str, up_density: float, down_codec: str, down_density: float) -> CompressionConfig:
+    return CompressionConfig(
+        uplink=UplinkConfig(codec=up_codec, density=up_density),
+        downlink=LinkConfig(codec=down_codec, density=down_density),
+    )
 
 
 CONFIGS: dict[str, CompressionConfig | None] = {
     "stock": None,
-    "fp16": CompressionConfig(uplink=UplinkConfig(**_link("fp16")), downlink=LinkConfig(**_link("fp16"))),
-    "topk-3%": CompressionConfig(
-        uplink=UplinkConfig(**_link("topk", 0.03)), downlink=LinkConfig(**_link("topk", 0.1))
-    ),
-    "topk-1%": CompressionConfig(
-        uplink=UplinkConfig(**_link("topk", 0.01)), downlink=LinkConfig(**_link("topk", 0.05))
-    ),
-    "topk-0.3%": CompressionConfig(
-        uplink=UplinkConfig(**_link("topk", 0.003)), downlink=LinkConfig(**_link("topk", 0.02))
-    ),
-    "ternary-3%": CompressionConfig(
-        uplink=UplinkConfig(**_link("ternary", 0.03)), downlink=LinkConfig(**_link("topk", 0.1))
-    ),
+    "fp16": _config("fp16", 1.0, "fp16", 1.0),
+    "topk-10%": _config("topk", 0.1, "topk", 0.3),
+    "topk-3%": _config("topk", 0.03, "topk", 0.1),
+    "topk-1%": _config("topk", 0.01, "topk", 0.04),
+    "ternary-10%": _config("ternary", 0.1, "topk", 0.3),
 }
 
 

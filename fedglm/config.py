@@ -137,7 +137,7 @@ class LinkConfig(_Section):
     """
 
     codec: CodecName = "topk"
-    density: Density = 0.01
+    density: Density = 0.1
     selection: Literal["global", "per-tensor"] = "global"
 
 
@@ -163,7 +163,7 @@ class CompressionConfig(_Section):
     client holds; the server keeps what it did not send (server-side error feedback)."""
 
     uplink: UplinkConfig = UplinkConfig()
-    downlink: LinkConfig = LinkConfig(density=0.05)
+    downlink: LinkConfig = LinkConfig(density=0.3)
 
 
 class FederationConfig(_Section):

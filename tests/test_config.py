@@ -4,9 +4,11 @@ import pytest
 
 from fedglm.config import (
     CoordinatorConfig,
+    FederationConfig,
     HospitalConfig,
     ModelConfig,
     SimulateConfig,
+    UplinkConfig,
     load_config,
 )
 from fedglm.errors import InputError
@@ -27,6 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
         (ROOT / "clients" / "hospital.yaml", HospitalConfig),
         (ROOT / "bench" / "mtsamples-4sites.yaml", SimulateConfig),
         (ROOT / "bench" / "round_overhead.yaml", SimulateConfig),
+        (ROOT / "bench" / "federated.yaml", FederationConfig),
     ],
 )
 def test_every_shipped_yaml_loads(path: Path, cls: type) -> None:
@@ -40,7 +43,25 @@ def test_every_shipped_yaml_is_listed_above() -> None:
         "clients/hospital.yaml",
         "bench/mtsamples-4sites.yaml",
         "bench/round_overhead.yaml",
+        "bench/federated.yaml",
     }
+
+
+def test_unknown_codec_lists_the_registry(tmp_path: Path) -> None:
+    path = write(tmp_path, "federation:\n  compression:\n    uplink: {codec: zip}\n")
+    with pytest.raises(
+        InputError, match=r"compression.uplink.codec.*unknown codec 'zip'.*dense, fp16, topk, ternary, int8"
+    ):
+        load_config(path, CoordinatorConfig)
+    path = write(tmp_path, "federation:\n  compression:\n    downlink: {density: 0}\n")
+    with pytest.raises(InputError, match="compression.downlink.density"):
+        load_config(path, CoordinatorConfig)
+
+
+def test_density_warm_up_falls_geometrically() -> None:
+    up = UplinkConfig(density=0.01, warmup_rounds=2, warmup_density=0.25)
+    assert [up.density_for(r) for r in (1, 2, 3, 9)] == pytest.approx([0.25, 0.05, 0.01, 0.01])
+    assert UplinkConfig(density=0.01).density_for(1) == 0.01
 
 
 def test_unknown_key_names_key_and_allowed(tmp_path: Path) -> None:
