@@ -54,7 +54,7 @@ def test_unknown_codec_lists_the_registry(tmp_path: Path) -> None:
     ):
         load_config(path, CoordinatorConfig)
     path = write(tmp_path, "federation:\n  compression:\n    downlink: {density: 0}\n")
-    with pytest.raises(InputError, match="compression.downlink.density"):
+    with pytest.raises(InputError, match=r"compression\.downlink\.density"):
         load_config(path, CoordinatorConfig)
 
 

@@ -32,10 +32,17 @@ def test_simulate_two_sites_two_rounds(tmp_path: Path) -> None:
     for row in rows:
         assert set(REQUIRED_KEYS) <= set(row)
         assert row["clients"] == 2
-        assert row["upload_bytes"] > 0 and row["download_bytes"] > row["upload_bytes"] / 2
-        assert row["epsilon_max"] is None
+        assert row["epsilon_max"] is None and row["rejected_updates"] == 0
+        # topk by default: compressed uploads, and compressed downloads after round 1's seed
+        assert 0 < row["upload_bytes"] * 5 < row["dense_upload_bytes"]
+        assert 0 < row["download_bytes"] * 3 < row["dense_download_bytes"]
     assert rows[1]["val_loss"] < rows[0]["val_loss"]
     assert "round 2/2" in result.output
+    assert "fewer than dense" in result.output
+    # Each site kept its copy of the global model and its residual between messages.
+    for site in ("site-1", "site-2"):
+        state = out / "sites" / site / "state"
+        assert (state / "global-model.pt").is_file() and (state / "residual.pt").is_file()
     # Nothing is left running: every Flower process of the run is gone.
     assert not _processes_mentioning(str(out))
 

@@ -18,12 +18,37 @@ def _mb(value: Any) -> str:
     return "-" if value is None else f"{int(value) / 1e6:.2f} MB"
 
 
+def _fewer(sent: Any, dense: Any) -> str:
+    """'(37x fewer than dense)', or '' when either figure is missing."""
+    if not sent or not dense:
+        return ""
+    return f" ({int(dense) / int(sent):.0f}x fewer than dense)"
+
+
 def round_line(row: dict[str, Any], total_rounds: int) -> str:
+    rejected = f"  rejected {row['rejected_updates']}" if row.get("rejected_updates") else ""
     return (
         f"round {row['round']}/{total_rounds}  train_loss {_num(row.get('train_loss'))}  "
         f"val_loss {_num(row.get('val_loss'))}  val_bpb {_num(row.get('val_bpb'), 3)}  "
         f"up {_mb(row.get('upload_bytes'))}  down {_mb(row.get('download_bytes'))}  "
-        f"clients {row.get('clients')}  {_num(row.get('seconds'), 1)} s"
+        f"clients {row.get('clients')}{rejected}  {_num(row.get('seconds'), 1)} s"
+    )
+
+
+def traffic_summary(rows: list[dict[str, Any]]) -> str:
+    """Total bytes both ways against what dense fp32 tensors would have weighed."""
+
+    def total(key: str) -> int | None:
+        values = [row.get(key) for row in rows]
+        if any(v is None for v in values):
+            return None  # rows written before the key existed
+        return sum(int(v) for v in values if v is not None)
+
+    up, dense_up = total("upload_bytes"), total("dense_upload_bytes")
+    down, dense_down = total("download_bytes"), total("dense_download_bytes")
+    return (
+        f"upload {_mb(up)} against {_mb(dense_up)} dense{_fewer(up, dense_up)}; "
+        f"download {_mb(down)} against {_mb(dense_down)} dense{_fewer(down, dense_down)}"
     )
 
 
@@ -56,6 +81,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
             _num(row.get("seconds"), 1),
         )
     console.print(table)
+    console.print(traffic_summary(rows))
 
 
 def status(message: str) -> None:
