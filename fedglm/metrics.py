@@ -1,10 +1,12 @@
 """The run folder's `metrics.jsonl`: one JSON object per finished round (a contract).
 
 Keys (never removed or renamed): round, train_loss, val_loss, upload_bytes, download_bytes,
-dense_upload_bytes, clients, epsilon_max, seconds. Bytes are the serialized content of the
-messages as Flower sends them (every object of the message's record tree), without gRPC/TLS
-framing: `upload_bytes` over all clients' replies, `download_bytes` over all messages sent,
-`dense_upload_bytes` what the same replies would weigh with their tensors as dense fp32.
+dense_upload_bytes, clients, epsilon_max, seconds; since compression also val_bpb,
+dense_download_bytes, rejected_updates and rejections (reason code -> count). Bytes are the
+serialized content of the messages as Flower sends them (every object of the message's record
+tree), without gRPC/TLS framing: `upload_bytes` over all clients' replies, `download_bytes`
+over all messages sent, `dense_*` what the same messages would weigh with the model as dense
+fp32 tensors.
 """
 
 from __future__ import annotations
