@@ -78,4 +78,6 @@ def top_k(values: np.ndarray, k: int, threshold: float | None = None) -> np.ndar
         return at_least(values, threshold)
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
+    if k >= values.size:
+        return at_least(values, SMALLEST)  # everything but exact zeros
     return largest(values, at_least(values, sampled_threshold(values, k)), k)

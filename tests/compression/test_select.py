@@ -167,3 +167,9 @@ def test_keep_count_bounds(n: int, density: float) -> None:
     k = keep_count(n, density)
     assert (k == 0) if n == 0 else (1 <= k <= n)
     assert abs(k - n * density) <= 1 or k == 1
+
+
+def test_full_density_keeps_every_nonzero_value() -> None:
+    values = np.random.default_rng(3).standard_normal(100_000).astype(np.float32)
+    values[::7] = 0.0
+    assert np.array_equal(top_k(values, values.size), np.flatnonzero(values))
