@@ -11,20 +11,15 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedglm.compression import CODECS, Decoded
 from fedglm.compression.codecs import INT8_BLOCK
 from fedglm.compression.select import keep_count, top_k
+from tests.compression.helpers import hypothesis_settings
 
-SETTINGS = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SETTINGS = hypothesis_settings(200)
 SPARSE = [name for name, codec in CODECS.items() if codec.sparse]
 DENSE = [name for name, codec in CODECS.items() if not codec.sparse]
 

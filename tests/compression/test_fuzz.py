@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from fedglm.compression import CODECS, NO_HASH, Header, Kind, PayloadError, decode, encode
 from fedglm.compression.update import Selection
+from tests.compression.helpers import table_offsets
 
 SHAPES: dict[str, tuple[int, ...]] = {"a.weight": (8, 8), "b.bias": (5,), "c": (3, 4), "d.weight": (300,)}
 N = {name: int(np.prod(shape)) for name, shape in SHAPES.items()}
-HEADER_SIZE = 80
 HEADER_FIELDS = {
     "version": (4, "<H"),
     "kind": (6, "<B"),
@@ -28,7 +28,7 @@ HEADER_FIELDS = {
     "round": (8, "<I"),
     "count": (12, "<I"),
 }
-TABLE_FIELDS = {"body_len": "<I", "dim": "<I", "rank": "<B", "name_len": "<H", "dtype": "<B"}
+TABLE_FIELDS = {"body_len": "<I", "dims": "<I", "rank": "<B", "name_len": "<H", "dtype": "<B"}
 
 u32s = st.one_of(
     st.sampled_from(
@@ -64,25 +64,6 @@ def valid_payloads(draw: st.DrawFn) -> bytes:
     density = draw(st.sampled_from([0.02, 0.1, 0.3, 1.0]))
     selection: Selection = draw(st.sampled_from(["per-tensor", "global"]))
     return encode(values, SHAPES, CODECS[codec], header, density=density, selection=selection)
-
-
-def layout(blob: bytes) -> list[dict[str, int]]:
-    """Offsets of every table field and body of a valid payload."""
-    (count,) = struct.unpack_from("<I", blob, 12)
-    pos, entries = HEADER_SIZE, []
-    for _ in range(count):
-        entry = {"name_len": pos}
-        pos += 2 + struct.unpack_from("<H", blob, pos)[0]
-        entry["rank"], entry["dim"] = pos, pos + 1
-        pos += 1 + 4 * blob[pos]
-        entry["dtype"], entry["body_len"] = pos, pos + 1
-        entry["length"] = struct.unpack_from("<I", blob, pos + 1)[0]
-        pos += 5
-        entries.append(entry)
-    for entry in entries:
-        entry["body"] = pos
-        pos += entry["length"]
-    return entries
 
 
 # a position, as a fraction of the length; integers are hashed (Knuth's multiplicative hash) so
@@ -123,7 +104,7 @@ def _get(blob: bytearray, offset: int, fmt: str) -> int:
 
 
 def mutate(blob: bytes, mutations: list[tuple[Any, ...]]) -> bytes:
-    entries = layout(blob)
+    entries = table_offsets(blob)
     out = bytearray(blob)
     # structural edits first, at the offsets of the valid payload; then byte-level edits
     for m in sorted(mutations, key=lambda m: m[0] in {"flip", "truncate", "insert", "delete"}):

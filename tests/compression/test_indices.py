@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fedglm.compression import PayloadError
@@ -23,14 +23,9 @@ from fedglm.compression.indices import (
     encode_positions,
     low_bits,
 )
+from tests.compression.helpers import hypothesis_settings
 
-SETTINGS = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SETTINGS = hypothesis_settings(200)
 
 
 def block(coder: int, code: bytes) -> bytes:

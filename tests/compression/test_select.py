@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedglm.compression.select import CHUNK, at_least, keep_count, largest, sampled_threshold, top_k
+from tests.compression.helpers import hypothesis_settings
 
-SETTINGS = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SETTINGS = hypothesis_settings(150)
 
 
 def exact_top_k(values: np.ndarray, k: int) -> set[int]:

@@ -28,13 +28,13 @@ from fedglm.compression.indices import GAPS_ZSTD, _gaps_encode, encode_positions
 from fedglm.compression.update import payload_limit
 from fedglm.compression.wire import pack
 from tests.compression import make_vectors
+from tests.compression.helpers import HEADER_SIZE, table_offsets
 
 VECTORS = make_vectors.VECTOR_DIR
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
 SHAPES: dict[str, tuple[int, ...]] = {name: tuple(s) for name, s in MANIFEST["shapes"].items()}
 N = {name: int(np.prod(shape)) for name, shape in SHAPES.items()}
 BASE = hashlib.sha256(b"base model").digest()
-HEADER_SIZE = 80
 
 
 def resign(blob: bytes) -> bytes:
@@ -56,31 +56,6 @@ def values(seed: int = 0, scale: float = 1e-3) -> dict[str, np.ndarray]:
 def payload(codec: str = "dense", *, kind: Kind = Kind.UPDATE, round: int = 3, density: float = 1.0) -> bytes:
     header = Header(kind, CODECS[codec].codec_id, round, BASE, NO_HASH)
     return encode(values(), SHAPES, CODECS[codec], header, density=density)
-
-
-def table_offsets(blob: bytes) -> list[dict[str, int]]:
-    """Offsets of each table entry's fields and of each body, read independently of wire.py."""
-    (count,) = struct.unpack_from("<I", blob, 12)
-    pos, entries = HEADER_SIZE, []
-    for _ in range(count):
-        entry = {"name_len": pos}
-        (name_len,) = struct.unpack_from("<H", blob, pos)
-        entry["name"] = pos + 2
-        pos += 2 + name_len
-        entry["rank"] = pos
-        rank = blob[pos]
-        entry["dims"] = pos + 1
-        pos += 1 + 4 * rank
-        entry["dtype"] = pos
-        entry["body_len"] = pos + 1
-        entry["length"] = struct.unpack_from("<I", blob, pos + 1)[0]
-        pos += 5
-        entries.append(entry)
-    for entry in entries:
-        entry["body"] = pos
-        pos += entry["length"]
-    assert pos == len(blob) - 32
-    return entries
 
 
 # --- golden vectors ------------------------------------------------------------------------
