@@ -141,7 +141,7 @@ def _task(message: Message, context: Context) -> Task:
         state_dir = _state_dir(site)
         run = _config_str(config, "run-key")
         previous = load_held(state_dir, run)
-        held = receive_model(blob, held=previous, run=run, model_cfg=model_cfg)
+        held = receive_model(blob, held=previous, run=run, model_cfg=model_cfg, shapes=expected_shapes(model))
         if held is not previous:
             save_held(state_dir, held)
         model.load_state_dict(held.state)

@@ -11,6 +11,7 @@ Anything else raises `StaleModel`; the coordinator then sends that site the full
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -29,9 +30,15 @@ class StaleModel(RuntimeError):
         super().__init__(f"{STALE_MODEL}: {detail}")
 
 
-def receive_model(blob: bytes, *, held: HeldModel | None, run: str, model_cfg: ModelConfig) -> HeldModel:
-    initial = build_model(model_cfg.glm_args(), model_cfg.init_seed)
-    shapes = {name: tuple(t.shape) for name, t in initial.state_dict().items()}
+def receive_model(
+    blob: bytes,
+    *,
+    held: HeldModel | None,
+    run: str,
+    model_cfg: ModelConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+) -> HeldModel:
+    """The round's global model; `shapes` are the tensor shapes of a model of `model_cfg`."""
     header, tensors = decode(blob, shapes)
     target = header.target
     if held is not None and held.hash == target:
@@ -50,7 +57,7 @@ def receive_model(blob: bytes, *, held: HeldModel | None, run: str, model_cfg: M
             for name, shape in shapes.items()
         }
     elif header.kind == Kind.INIT:
-        state = {name: t.detach().clone() for name, t in initial.state_dict().items()}
+        state = dict(build_model(model_cfg.glm_args(), model_cfg.init_seed).state_dict())
     else:
         raise PayloadError(f"a {header.kind.name} payload cannot carry a global model", "bad-kind")
     new_hash = model_hash(state)

@@ -9,9 +9,11 @@ from fedglm.clients.sync import StaleModel, receive_model
 from fedglm.compression import CODECS
 from fedglm.config import ModelConfig
 from fedglm.model import build_model
+from fedglm.payload import expected_shapes
 from fedglm.server.broadcast import Broadcast
 
 CFG = ModelConfig(preset="tiny")
+SHAPES = expected_shapes(build_model(CFG.glm_args(), 0))
 
 
 def server() -> Broadcast:
@@ -26,20 +28,20 @@ def step(b: Broadcast, r: int) -> None:
 
 def test_init_then_delta_then_hold() -> None:
     b = server()
-    held = receive_model(b.payload_for(1, 1), held=None, run="r", model_cfg=CFG)
+    held = receive_model(b.payload_for(1, 1), held=None, run="r", model_cfg=CFG, shapes=SHAPES)
     assert held.hash == b.hash
     b.holds(1)
     step(b, 1)
-    held = receive_model(b.payload_for(1, 1), held=held, run="r", model_cfg=CFG)
+    held = receive_model(b.payload_for(1, 1), held=held, run="r", model_cfg=CFG, shapes=SHAPES)
     assert held.hash == b.hash
     b.holds(1)
-    assert receive_model(b.payload_for(1, 2), held=held, run="r", model_cfg=CFG) is held
+    assert receive_model(b.payload_for(1, 2), held=held, run="r", model_cfg=CFG, shapes=SHAPES) is held
 
 
 def test_full_model_for_a_site_that_holds_nothing() -> None:
     b = server()
     step(b, 1)
-    held = receive_model(b.full(2), held=None, run="r", model_cfg=CFG)
+    held = receive_model(b.full(2), held=None, run="r", model_cfg=CFG, shapes=SHAPES)
     assert held.hash == b.hash
     assert all(torch.equal(held.state[n], b.state[n]) for n in b.shapes)
 
@@ -50,17 +52,21 @@ def test_delta_on_the_wrong_model_is_stale() -> None:
     step(b, 1)
     assert b.delta is not None
     with pytest.raises(StaleModel, match="stale-model"):
-        receive_model(b.delta, held=None, run="r", model_cfg=CFG)
+        receive_model(b.delta, held=None, run="r", model_cfg=CFG, shapes=SHAPES)
     other = HeldModel("r", b"\x02" * 32, {n: t.clone() for n, t in b.state.items()})
     with pytest.raises(StaleModel):
-        receive_model(b.delta, held=other, run="r", model_cfg=CFG)
+        receive_model(b.delta, held=other, run="r", model_cfg=CFG, shapes=SHAPES)
 
 
 def test_init_with_another_seed_is_stale() -> None:
     b = server()
     with pytest.raises(StaleModel):
         receive_model(
-            b.payload_for(1, 1), held=None, run="r", model_cfg=CFG.model_copy(update={"init_seed": 5})
+            b.payload_for(1, 1),
+            held=None,
+            run="r",
+            model_cfg=CFG.model_copy(update={"init_seed": 5}),
+            shapes=SHAPES,
         )
 
 
