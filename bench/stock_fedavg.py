@@ -71,7 +71,6 @@ def main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord(config),
         evaluate_config=ConfigRecord(config),
     )
-    dense = sum(p.numel() * 4 for p in model.state_dict().values())
     for rnd in range(1, fed.rounds + 1):
         train = result.train_metrics_clientapp.get(rnd, {})
         evaluation = result.evaluate_metrics_clientapp.get(rnd, {})
@@ -83,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
             "upload_bytes": counting.up[rnd],
             "download_bytes": counting.down[rnd],
             "dense_upload_bytes": counting.up[rnd],
-            "dense_model_bytes": dense,
+            "dense_download_bytes": counting.down[rnd],
             "clients": fed.min_clients,
             "epsilon_max": None,
             "seconds": None,
