@@ -5,7 +5,7 @@ each codec sends.
 """
 
 from fedglm.compression.codecs import CODEC_IDS, CODECS, Codec, Decoded
-from fedglm.compression.update import check_header, decode, encode, flat_arrays, model_hash
+from fedglm.compression.update import check_header, decode, encode, model_hash
 from fedglm.compression.wire import NO_HASH, Header, Kind, PayloadError
 
 __all__ = [
@@ -20,6 +20,5 @@ __all__ = [
     "check_header",
     "decode",
     "encode",
-    "flat_arrays",
     "model_hash",
 ]

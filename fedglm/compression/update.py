@@ -119,8 +119,3 @@ def apply(state: Mapping[str, torch.Tensor], decoded: Mapping[str, Decoded]) -> 
     """Add decoded changes to fp32 CPU tensors in place (the same operation on every side)."""
     for name, change in decoded.items():
         change.add_to(state[name].view(-1).numpy())
-
-
-def flat_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Writable flat fp32 numpy copies of `state`'s tensors."""
-    return {name: t.detach().to(torch.float32).cpu().reshape(-1).numpy().copy() for name, t in state.items()}
