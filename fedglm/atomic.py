@@ -37,11 +37,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def append_json_line(path: Path, obj: dict[str, Any]) -> None:
     """Append one JSON line with a single write and fsync (no torn line on a crash)."""
-    line = (json.dumps(obj, sort_keys=False) + "\n").encode("utf-8")
+    append_line(path, json.dumps(obj, sort_keys=False))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` and a line end with a single write, then fsync."""
+    data = (line + "\n").encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

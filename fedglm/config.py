@@ -173,6 +173,8 @@ class FederationConfig(_Section):
     min_clients: int = Field(default=2, ge=1)
     fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
     weighting: Literal["uniform", "records"] = "uniform"
+    # Accept only updates that come with a signed ledger entry (DP-SGD at the site).
+    require_dp: bool = True
     round_timeout_s: float = Field(default=900.0, gt=0.0)
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -204,6 +206,8 @@ class CoordinatorConfig(_Section):
     tls: TLSConfig | None = None
     out_dir: ConfigPath = Path("runs/coordinator")
     resume: bool = True
+    # The key that countersigns ledger entries; made on first start if missing.
+    receipt_key: ConfigPath | None = None
     federation: FederationConfig = FederationConfig()
 
 
@@ -220,19 +224,63 @@ class DataConfig(_Section):
 class ShareConfig(_Section):
     """What a site declares public. Everything else computed from its records stays private.
 
-    `loss`: report training and validation loss to the coordinator (data-dependent values:
-    with DP on, they are noised before they leave). `record_count`: allow record-count weights.
+    `loss`: report training and validation loss to the coordinator. These are computed from
+    the records without noise, so declaring them public releases them outside the DP
+    guarantee: off by default. `record_count`: the number of training records may be used as
+    an aggregation weight, and to derive the sampling rate q (which the ledger publishes).
     """
 
-    loss: bool = True
+    loss: bool = False
     record_count: bool = False
+
+
+class PrivacyConfig(_Section):
+    """A site's differential privacy: DP-SGD with Opacus, and the budget it never exceeds.
+
+    The unit of privacy is the record (one patient note): neighbouring data sets differ by one
+    record, added or removed. `epsilon` and `delta` are the site's budget over everything its
+    ledger records; a round that would take epsilon past it is declined. The noise multiplier
+    is `noise_multiplier` when set, else calibrated so that `rounds` rounds (default: all the
+    rounds of the run) spend exactly the budget. `sample_rate` is q, the public probability
+    with which each record is drawn at each step; when unset it is the coordinator's
+    `train.batch_size` over the site's training record count, which needs
+    `share.record_count: true` (q is published in the ledger). `accountant`: prv (default) or
+    rdp. `mode`: hooks (per-record gradients) or ghost (ghost clipping, less memory, fp32).
+    `signing_key`: the Ed25519 key that signs the ledger (`fedglm keys`), by default
+    `<state_dir>/ledger.key`.
+    """
+
+    enabled: bool = True
+    unit: Literal["record"] = "record"
+    epsilon: float = Field(default=8.0, gt=0.0, le=100.0)
+    delta: float = Field(default=1e-5, gt=0.0, le=1e-3)
+    noise_multiplier: float | None = Field(default=None, gt=0.0, le=1e4)
+    rounds: int | None = Field(default=None, ge=1)
+    clip_norm: float = Field(default=1.0, gt=0.0)
+    sample_rate: float | None = Field(default=None, gt=0.0, le=1.0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    mode: Literal["hooks", "ghost"] = "hooks"
+    signing_key: ConfigPath | None = None
+
+
+def _check_sampling_is_public(privacy: PrivacyConfig, share: ShareConfig) -> None:
+    if privacy.enabled and privacy.sample_rate is None and not share.record_count:
+        raise ValueError(
+            "privacy.sample_rate is not set and share.record_count is false: deriving q from the "
+            "record count would publish it; set privacy.sample_rate (e.g. 0.02) or declare "
+            "share.record_count: true"
+        )
 
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def is_site_name(value: str) -> bool:
+    return bool(_SITE_NAME.fullmatch(value))
+
+
 def _check_site_name(value: str) -> str:
-    if not _SITE_NAME.match(value):
+    if not is_site_name(value):
         raise ValueError("use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return value
 
@@ -246,7 +294,20 @@ class SiteSpec(_Section):
     name: SiteName
     data: DataConfig
     share: ShareConfig = ShareConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     state_dir: ConfigPath | None = None
+
+    @model_validator(mode="after")
+    def _public_sampling(self) -> SiteSpec:
+        _check_sampling_is_public(self.privacy, self.share)
+        return self
+
+    def signing_key(self) -> Path:
+        if self.privacy.signing_key is not None:
+            return self.privacy.signing_key
+        if self.state_dir is None:
+            raise ValueError(f"site {self.name} has neither privacy.signing_key nor state_dir")
+        return self.state_dir / "ledger.key"
 
 
 class HospitalConfig(_Section):
@@ -259,9 +320,17 @@ class HospitalConfig(_Section):
     state_dir: ConfigPath = Path("fedglm-state")
     data: DataConfig
     share: ShareConfig = ShareConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _public_sampling(self) -> HospitalConfig:
+        _check_sampling_is_public(self.privacy, self.share)
+        return self
 
     def site_spec(self) -> SiteSpec:
-        return SiteSpec(name=self.site, data=self.data, share=self.share, state_dir=self.state_dir)
+        return SiteSpec(
+            name=self.site, data=self.data, share=self.share, privacy=self.privacy, state_dir=self.state_dir
+        )
 
 
 class GeneratedCorpusConfig(_Section):
@@ -278,6 +347,8 @@ class SimulateConfig(_Section):
     federation: FederationConfig = FederationConfig(min_clients=3)
     sites: list[SiteSpec] | None = None
     generated: GeneratedCorpusConfig = GeneratedCorpusConfig()
+    # The privacy of the generated sites (sites listed in `sites` carry their own).
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _enough_sites(self) -> SimulateConfig:
@@ -286,6 +357,17 @@ class SimulateConfig(_Section):
             names = [s.name for s in self.sites]
             if len(set(names)) != len(names):
                 raise ValueError(f"site names must be unique, got {names}")
+        dp_sites = [s.privacy for s in self.sites] if self.sites is not None else [self.privacy]
+        if self.federation.train.precision == "fp16" and any(p.enabled for p in dp_sites):
+            raise ValueError(
+                "federation.train.precision fp16 with DP-SGD is refused (a gradient scaler makes "
+                "per-record norms overflow); use bf16, fp32 or auto"
+            )
+        if self.federation.require_dp and not all(p.enabled for p in dp_sites):
+            raise ValueError(
+                "federation.require_dp is true but a site has privacy.enabled false; "
+                "enable DP at every site or set require_dp: false"
+            )
         if self.federation.min_clients > n_sites:
             raise ValueError(
                 f"federation.min_clients ({self.federation.min_clients}) is more than the "
@@ -377,3 +459,4 @@ class RunSpec(_Section):
     federation: FederationConfig
     out_dir: ConfigPath
     resume: bool = True
+    receipt_key: ConfigPath

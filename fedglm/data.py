@@ -163,19 +163,26 @@ def sample_batches(
     rows = min(batch_size, len(records))
     while True:
         picks = torch.randperm(len(records), generator=generator)[:rows].tolist()
-        inputs = torch.full((rows, seq_len), EOS_ID, dtype=torch.long)
-        targets = torch.full((rows, seq_len), IGNORE_INDEX, dtype=torch.long)
-        for row, index in enumerate(picks):
-            tokens = records[index]
-            span = len(tokens) - 1
-            start = 0
-            if span > seq_len:
-                start = int(torch.randint(0, span - seq_len + 1, (1,), generator=generator))
-            window = torch.tensor(tokens[start : start + seq_len + 1], dtype=torch.long)
-            n = window.numel() - 1
-            inputs[row, :n] = window[:-1]
-            targets[row, :n] = window[1:]
-        yield inputs, targets
+        yield window_batch(records, picks, seq_len=seq_len, generator=generator)
+
+
+def window_batch(
+    records: Sequence[list[int]], picks: Sequence[int], *, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets): one row per picked record, a random window of it (padded if short)."""
+    inputs = torch.full((len(picks), seq_len), EOS_ID, dtype=torch.long)
+    targets = torch.full((len(picks), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for row, index in enumerate(picks):
+        tokens = records[index]
+        span = len(tokens) - 1
+        start = 0
+        if span > seq_len:
+            start = int(torch.randint(0, span - seq_len + 1, (1,), generator=generator))
+        window = torch.tensor(tokens[start : start + seq_len + 1], dtype=torch.long)
+        n = window.numel() - 1
+        inputs[row, :n] = window[:-1]
+        targets[row, :n] = window[1:]
+    return inputs, targets
 
 
 def eval_windows(

@@ -1,11 +1,14 @@
 """What travels in a Flower message, and the checks applied to what arrives.
 
 Content keys (both directions): `arrays` (an ArrayRecord), `config` (a ConfigRecord, server to
-client), `metrics` (a MetricRecord, client to server). fedglm's own messages carry one bytes
-Array named `payload` (stype `fedglm/1`) in `arrays`: a compressed payload in the format of
-`compression/FORMAT.md`. Plain FedAvg messages (Flower's stock strategies) carry fp32 tensors
-named as in the model's state dict instead; the ClientApp answers those in kind. Anything from
-the network is checked before use; a failure is a `PayloadError` naming the problem.
+client), `metrics` (a MetricRecord, client to server), `ledger` (a ConfigRecord, client to
+server: the signed ledger line of the update, or why the site declined the round), `receipt` (a
+ConfigRecord, server to client: the countersignature of the site's last entry). fedglm's own
+messages carry one bytes Array named `payload` (stype `fedglm/1`) in `arrays`: a compressed
+payload in the format of `compression/FORMAT.md`. Plain FedAvg messages (Flower's stock
+strategies) carry fp32 tensors named as in the model's state dict instead; the ClientApp
+answers those in kind (sites without DP only). Anything from the network is checked before
+use; a failure is a `PayloadError` naming the problem.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ METRICS_KEY = "metrics"
 PAYLOAD_NAME = "payload"
 PAYLOAD_STYPE = "fedglm/1"
 STALE_MODEL = "stale-model"  # a client's error reason: it needs the full model
+LEDGER_KEY = "ledger"  # client to server: the round's signed ledger line and the site's public key
+RECEIPT_KEY = "receipt"  # server to client: the coordinator's receipt for the site's last entry
 
 
 def payload_record(blob: bytes) -> ArrayRecord:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ from fedglm.atomic import atomic_write_text
 from fedglm.certs import make_certificates
 from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import start_supernode
-from fedglm.config import DataConfig, SimulateConfig, SiteSpec
+from fedglm.config import DataConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
+from fedglm.privacy.keys import load_private_key, make_keys
+from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.coordinator import RowCallback, execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, start_superlink
@@ -35,8 +38,14 @@ def simulated_sites(config: SimulateConfig, out_dir: Path) -> list[SiteSpec]:
         paths = write_generated_corpus(
             out_dir / "data", sites=gen.sites, records_per_site=gen.records_per_site, seed=gen.seed
         )
+        # Generated text, not patient data: its losses and record counts are declared public.
         sites = [
-            SiteSpec(name=f"site-{i}", data=DataConfig(path=p, format="jsonl", field="text"))
+            SiteSpec(
+                name=f"site-{i}",
+                data=DataConfig(path=p, format="jsonl", field="text"),
+                share=ShareConfig(loss=True, record_count=True),
+                privacy=config.privacy,
+            )
             for i, p in enumerate(paths, start=1)
         ]
     return [
@@ -45,6 +54,41 @@ def simulated_sites(config: SimulateConfig, out_dir: Path) -> list[SiteSpec]:
         else site.model_copy(update={"state_dir": out_dir / "sites" / site.name / "state"})
         for site in sites
     ]
+
+
+def ensure_signing_keys(sites: list[SiteSpec]) -> None:
+    """A simulation makes each DP site's ledger key if it has none (`fedglm keys` does it for
+    a real site)."""
+    for site in sites:
+        key = site.signing_key()
+        if site.privacy.enabled and not key.exists():
+            make_keys(key.parent, key.stem)
+
+
+def privacy_rows(sites: list[SiteSpec]) -> list[dict[str, Any]]:
+    """Each DP site's ledger, as the site's own summary: entries, epsilon spent, receipts."""
+    rows = []
+    for site in sites:
+        if not site.privacy.enabled or site.state_dir is None:
+            continue
+        folder = privacy_dir(site.state_dir)
+        _, lines = open_ledger(site.state_dir, load_private_key(site.signing_key()))
+        receipts = folder / RECEIPTS_FILE
+        last = lines[-1].entry if lines else {}
+        rows.append(
+            {
+                "site": site.name,
+                "rounds": len(lines),
+                "epsilon": last.get("epsilon", 0.0),
+                "budget": site.privacy.epsilon,
+                "delta": site.privacy.delta,
+                "sigma": last.get("sigma"),
+                "q": last.get("q"),
+                "receipts": len(receipts.read_text().splitlines()) if receipts.exists() else 0,
+                "ledger": str(folder / LEDGER_FILE),
+            }
+        )
+    return rows
 
 
 @dataclass
@@ -113,15 +157,24 @@ def run_simulation(
     *,
     on_row: RowCallback,
     on_status: Callable[[str], None],
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run the simulation; returns the metrics rows and each DP site's `privacy_rows`.
+
+    Every simulation starts fresh: the site state it keeps in the run folder (models,
+    residuals, ledgers, keys) and the coordinator's receipts from an earlier simulation there
+    are removed first. Sites with their own `state_dir` keep theirs, ledger included.
+    """
     out_dir = out_dir.absolute()
+    for owned in (out_dir / "sites", out_dir / "receipts"):
+        shutil.rmtree(owned, ignore_errors=True)
     sites = simulated_sites(config, out_dir)
+    ensure_signing_keys(sites)
     for site in sites:
         on_status(describe_site_data(site))  # bad data fails here, before anything starts
     with local_stack(sites, out_dir, on_status=on_status) as stack:
         on_status(f"running {config.federation.rounds} rounds")
         spec_path = write_spec(out_dir, config.federation, resume=False)
-        return execute_run(
+        rows = execute_run(
             superlink=stack.superlink,
             address=stack.address,
             ca_cert=stack.ca_cert,
@@ -130,3 +183,4 @@ def run_simulation(
             on_row=on_row,
             processes=stack.supernodes,
         )
+    return rows, privacy_rows(sites)

@@ -27,11 +27,13 @@ def _fewer(sent: Any, dense: Any) -> str:
 
 def round_line(row: dict[str, Any], total_rounds: int) -> str:
     rejected = f"  rejected {row['rejected_updates']}" if row.get("rejected_updates") else ""
+    declined = f"  declined {row['declined']}" if row.get("declined") else ""
+    epsilon = f"  epsilon_max {_num(row['epsilon_max'], 3)}" if row.get("epsilon_max") is not None else ""
     return (
         f"round {row['round']}/{total_rounds}  train_loss {_num(row.get('train_loss'))}  "
         f"val_loss {_num(row.get('val_loss'))}  val_bpb {_num(row.get('val_bpb'), 3)}  "
         f"up {_mb(row.get('upload_bytes'))}  down {_mb(row.get('download_bytes'))}  "
-        f"clients {row.get('clients')}{rejected}  {_num(row.get('seconds'), 1)} s"
+        f"clients {row.get('clients')}{rejected}{declined}{epsilon}  {_num(row.get('seconds'), 1)} s"
     )
 
 
@@ -66,6 +68,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         "up",
         "down",
         "clients",
+        "eps max",
         "s",
     ):
         table.add_column(column, justify="right")
@@ -78,10 +81,32 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
             _mb(row.get("upload_bytes")),
             _mb(row.get("download_bytes")),
             str(row.get("clients")),
+            _num(row.get("epsilon_max"), 3),
             _num(row.get("seconds"), 1),
         )
     console.print(table)
     console.print(traffic_summary(rows))
+
+
+def print_privacy(rows: list[dict[str, Any]]) -> None:
+    """Each DP site's ledger: rounds it released, epsilon spent against its budget."""
+    table = Table(title="privacy (unit: one record; accountant as configured; see `fedglm audit`)")
+    for column in ("site", "rounds", "epsilon", "budget", "delta", "sigma", "q", "receipts"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row["site"],
+            str(row["rounds"]),
+            _num(row["epsilon"], 3),
+            f"{row['budget']:g}",
+            f"{row['delta']:g}",
+            _num(row["sigma"], 3),
+            _num(row["q"], 4),
+            str(row["receipts"]),
+        )
+    console.print(table)
+    for row in rows:
+        console.print(f"[dim]{row['site']}: ledger {row['ledger']}[/dim]")
 
 
 def status(message: str) -> None:

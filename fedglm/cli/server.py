@@ -27,7 +27,7 @@ def server(
     cfg = load_config(config, CoordinatorConfig)
     tls = _tls(cfg, insecure, config)
     fed = cfg.federation
-    spec_path = write_spec(cfg.out_dir, fed, resume=cfg.resume)
+    spec_path = write_spec(cfg.out_dir, fed, resume=cfg.resume, receipt_key=cfg.receipt_key)
     superlink = start_superlink(
         host=cfg.host, port=cfg.port, tls=tls, home=cfg.out_dir / "flower" / "superlink"
     )

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fedglm.cli.common import reports_errors
-from fedglm.cli.progress import print_round, print_table, status
+from fedglm.cli.progress import print_privacy, print_round, print_table, status
 from fedglm.config import SimulateConfig, load_config
 from fedglm.metrics import METRICS_NAME
 from fedglm.simulate import run_simulation
@@ -26,5 +26,7 @@ def simulate(
     """Run a SuperLink and one SuperNode per site on 127.0.0.1 with TLS, and train together."""
     cfg = load_config(config, SimulateConfig) if config else SimulateConfig()
     rounds = cfg.federation.rounds
-    rows = run_simulation(cfg, out, on_row=lambda row: print_round(row, rounds), on_status=status)
+    rows, privacy = run_simulation(cfg, out, on_row=lambda row: print_round(row, rounds), on_status=status)
     print_table(rows, title=f"fedglm simulate: {len(rows)} rounds, metrics in {out / METRICS_NAME}")
+    if privacy:
+        print_privacy(privacy)

@@ -14,12 +14,16 @@ benchmarks) is answered in kind, with the trained weights as dense fp32 tensors.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from fedglm import compression
 from fedglm.clients.state import HeldModel, load_held, load_residual, save_held, save_residual
@@ -32,7 +36,9 @@ from fedglm.model import GLM
 from fedglm.payload import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    LEDGER_KEY,
     METRICS_KEY,
+    RECEIPT_KEY,
     PayloadError,
     expected_shapes,
     payload_record,
@@ -40,6 +46,19 @@ from fedglm.payload import (
     read_state,
     split_round_config,
     state_record,
+)
+from fedglm.privacy.dpsgd import check_precision, dp_precision, train_private
+from fedglm.privacy.keys import load_private_key, public_pem
+from fedglm.privacy.site import (
+    Decline,
+    config_hash,
+    keep_receipt,
+    open_ledger,
+    plan_round,
+    privacy_dir,
+    record_round,
+    round_steps,
+    sample_rate,
 )
 from fedglm.training import evaluate, make_optimizer, resolve_precision, steps_for, train_local
 
@@ -145,13 +164,25 @@ def _task(message: Message, context: Context) -> Task:
         if held is not previous:
             save_held(state_dir, held)
         model.load_state_dict(held.state)
+    receipt = message.content.config_records.get(RECEIPT_KEY)
+    if receipt is not None and site.privacy.enabled:
+        _keep_receipt(site, receipt)
     device = _device()
     return Task(site, config, model.to(device), train_cfg, seed, device, load_site_data(site), held)
 
 
-def _compressed_update(task: Task, server_round: int) -> ArrayRecord:
-    """The trained model's change, plus the residual, compressed; the new residual is saved
-    before anything leaves."""
+def _keep_receipt(site: SiteSpec, receipt: ConfigRecord) -> None:
+    line = receipt.get("line")
+    state_dir = _state_dir(site)
+    key = load_private_key(site.signing_key())
+    _, lines = open_ledger(state_dir, key)
+    if not isinstance(line, str) or not keep_receipt(state_dir, line, lines):
+        log(WARNING, "%s: the coordinator sent a receipt for no entry of this ledger; ignored", site.name)
+
+
+def _compressed_update(task: Task, server_round: int) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The trained model's change plus the residual, compressed; and the new residual (the
+    caller saves it before anything leaves)."""
     assert task.held is not None
     uplink = validate_config(
         {key: task.config.get(f"uplink.{key}") for key in ("codec", "density", "selection")},
@@ -174,8 +205,86 @@ def _compressed_update(task: Task, server_round: int) -> ArrayRecord:
     blob = compression.encode(
         values, shapes, codec, header, density=uplink.density, selection=uplink.selection
     )
-    save_residual(state_dir, run, values)
-    return payload_record(blob)
+    return blob, values
+
+
+def _train_private(task: Task, message: Message, records: list[list[int]], server_round: int) -> Message:
+    """DP-SGD for one round, within the site's budget; the ledger entry is on disk before the
+    update leaves (see `fedglm/privacy/site.py` for the order)."""
+    site, privacy, cfg = task.site, task.site.privacy, task.cfg
+    if task.held is None:
+        raise InputError(
+            f"site {site.name} trains with DP and keeps a ledger: it answers fedglm's compressed "
+            "messages only, not plain FedAvg"
+        )
+    state_dir = _state_dir(site)
+    key = load_private_key(site.signing_key())
+    ledger, lines = open_ledger(state_dir, key)
+    q = sample_rate(privacy, batch_size=cfg.batch_size, n_train=len(records))
+    steps = round_steps(cfg.local_steps, cfg.local_epochs, q)
+    planned = privacy.rounds or int(task.config.get("rounds", 1))
+    plan = plan_round(
+        privacy,
+        lines,
+        q=q,
+        steps=steps,
+        planned_rounds=planned,
+        n_train=len(records),
+        cache_dir=privacy_dir(state_dir),
+    )
+    if isinstance(plan, Decline):
+        reason = plan.reason(privacy.epsilon)
+        log(INFO, "%s: round %d %s", site.name, server_round, reason)
+        content = RecordDict(
+            {
+                METRICS_KEY: MetricRecord({"declined": 1, "epsilon": plan.epsilon}),
+                LEDGER_KEY: ConfigRecord({"declined": reason}),
+            }
+        )
+        return Message(content=content, reply_to=message)
+    precision = dp_precision(cfg.precision, resolve_precision(cfg.precision, task.device), privacy.mode)
+    refused = check_precision(privacy.mode, precision)
+    if refused is not None:
+        raise InputError(refused)
+    stats = train_private(
+        task.model,
+        records,
+        optimizer=make_optimizer(
+            task.model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        ),
+        q=plan.q,
+        sigma=plan.sigma,
+        clip_norm=privacy.clip_norm,
+        steps=plan.steps,
+        seq_len=cfg.seq_len,
+        precision=precision,
+        mode=privacy.mode,
+        device=task.device,
+    )
+    blob, residual = _compressed_update(task, server_round)
+    line = record_round(
+        ledger,
+        lines,
+        plan,
+        privacy,
+        key,
+        client=site.name,
+        run=task.held.run,
+        server_round=server_round,
+        precision=precision,
+        model_received=task.held.hash.hex(),
+        update_sent=hashlib.sha256(blob).hexdigest(),
+        config_digest=config_hash(
+            privacy.model_dump(mode="json", exclude={"signing_key"}), dict(task.config)
+        ),
+    )
+    save_residual(state_dir, task.held.run, residual)
+    ledger_record = ConfigRecord(
+        {"line": json.dumps(line.as_json()), "public-key": public_pem(key.public_key())}
+    )
+    metrics = _public_metrics(site, len(records), train_loss=stats.loss)
+    content = RecordDict({ARRAYS_KEY: payload_record(blob), METRICS_KEY: metrics, LEDGER_KEY: ledger_record})
+    return Message(content=content, reply_to=message)
 
 
 @app.train()
@@ -184,6 +293,8 @@ def train(message: Message, context: Context) -> Message:
     cfg = task.cfg
     records = [encode(t) for t in task.data.train]
     server_round = int(task.config.get("server-round", 0))
+    if task.site.privacy.enabled:
+        return _train_private(task, message, records, server_round)
     generator = torch.Generator().manual_seed(_round_seed(task.seed, task.site.name, server_round))
     optimizer = make_optimizer(
         task.model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -198,7 +309,12 @@ def train(message: Message, context: Context) -> Message:
         device=task.device,
     )
     metrics = _public_metrics(task.site, len(records), train_loss=stats.loss)
-    arrays = state_record(task.model) if task.held is None else _compressed_update(task, server_round)
+    if task.held is None:
+        arrays = state_record(task.model)
+    else:
+        blob, residual = _compressed_update(task, server_round)
+        save_residual(_state_dir(task.site), task.held.run, residual)
+        arrays = payload_record(blob)
     return Message(content=RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=message)
 
 

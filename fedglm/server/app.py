@@ -24,8 +24,10 @@ from fedglm.config import RunSpec
 from fedglm.errors import InputError
 from fedglm.model import build_model
 from fedglm.payload import round_config
+from fedglm.privacy.keys import load_private_key
 from fedglm.server.broadcast import Broadcast
 from fedglm.server.checkpoint import Checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
+from fedglm.server.countersign import Countersigner
 from fedglm.server.rounds import run_rounds
 from fedglm.server.strategy import FedglmAvg
 
@@ -73,6 +75,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         log(INFO, "All %d rounds are already done in %s", fed.rounds, out_dir)
         return
 
+    countersigner = Countersigner(load_private_key(spec.receipt_key), out_dir / "receipts", run_key)
     strategy = FedglmAvg(
         broadcast=broadcast,
         compression=fed.compression,
@@ -80,6 +83,8 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         min_clients=fed.min_clients,
         fraction_train=fed.fraction_train,
         weighting=fed.weighting,
+        countersigner=countersigner,
+        require_dp=fed.require_dp,
     )
     strategy.summary()
 
@@ -92,17 +97,20 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
             fingerprint=fingerprint,
         )
         save_checkpoint(out_dir, checkpoint)
+        row["epsilon_max"] = countersigner.epsilon_max()
+        row["epsilon"] = dict(sorted(countersigner.epsilon.items()))
         metrics.append_round(out_dir, row)
         log(INFO, "round %d: %s", server_round, row)
 
-    run_rounds(
+    train_config = round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)
+    last = run_rounds(
         grid,
         strategy,
         first_round=first_round,
         last_round=fed.rounds,
-        train_config=ConfigRecord(round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)),
+        train_config=ConfigRecord({**train_config, "rounds": fed.rounds}),
         dense_model_bytes=4 * sum(t.numel() for t in broadcast.state.values()),
         timeout=fed.round_timeout_s,
         on_round=persist,
     )
-    atomic_write_text(out_dir / "DONE", f"{fed.rounds}\n")
+    atomic_write_text(out_dir / "DONE", f"{last}\n")

@@ -17,16 +17,25 @@ from fedglm.app_bundle import fab_bytes
 from fedglm.atomic import atomic_write_text
 from fedglm.config import FederationConfig, RunSpec
 from fedglm.errors import CheckFailed
+from fedglm.privacy.keys import make_keys
 from fedglm.processes import ManagedProcess
 from fedglm.server.app import SPEC_KEY, SPEC_NAME
 from fedglm.server.submit import ControlClient, follow_run
 
 RowCallback = Callable[[dict[str, Any]], None]
+RECEIPT_KEY_NAME = "receipt"
 
 
-def write_spec(out_dir: Path, federation: FederationConfig, *, resume: bool) -> Path:
+def write_spec(
+    out_dir: Path, federation: FederationConfig, *, resume: bool, receipt_key: Path | None = None
+) -> Path:
+    """The run's spec; the coordinator's receipt key (default `<out_dir>/receipt.key`) is made
+    on first use, with its public half `receipt.pub` beside it for auditors."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = RunSpec(federation=federation, out_dir=out_dir, resume=resume)
+    receipt_key = receipt_key or out_dir / f"{RECEIPT_KEY_NAME}.key"
+    if not receipt_key.exists():
+        make_keys(receipt_key.parent, receipt_key.stem)
+    spec = RunSpec(federation=federation, out_dir=out_dir, resume=resume, receipt_key=receipt_key)
     path = out_dir / SPEC_NAME
     atomic_write_text(path, spec.model_dump_json(indent=2) + "\n")
     return path

@@ -128,8 +128,13 @@ def run_rounds(
     dense_model_bytes: int,
     timeout: float,
     on_round: RoundHook,
-) -> None:
-    """Run rounds `first_round..last_round`; `on_round` persists each finished round."""
+) -> int:
+    """Run rounds `first_round..last_round`; `on_round` persists each finished round.
+
+    The run ends early, after the last finished round, when too few sites have privacy budget
+    left to train (all selected sites declined, or fewer than `min_clients` remain). Returns
+    the last finished round.
+    """
     for server_round in range(first_round, last_round + 1):
         log(INFO, "[ROUND %d/%d]", server_round, last_round)
         start = time.perf_counter()
@@ -137,10 +142,21 @@ def run_rounds(
 
         started = time.perf_counter()
         messages = strategy.configure_train(server_round, ConfigRecord(dict(train_config)), grid)
+        if not messages:
+            log(WARNING, "round %d: too few sites have privacy budget left; the run ends here", server_round)
+            return server_round - 1
         replies = traffic.exchange(grid, messages, timeout, strategy.full_model)
         log(INFO, "round %d: training exchange %.1f s", server_round, time.perf_counter() - started)
         train_metrics = strategy.aggregate_train(server_round, replies)
         rejections = _rejections(train_metrics)
+        declined = int(train_metrics.get("declined", 0)) if train_metrics is not None else 0
+        if declined and train_metrics is not None and not train_metrics.get("clients") and not rejections:
+            log(
+                WARNING,
+                "round %d: every selected site declined (budget spent); the run ends here",
+                server_round,
+            )
+            return server_round - 1
         if train_metrics is None or not train_metrics.get("clients"):
             raise CheckFailed(
                 f"round {server_round}: no valid training reply from {len(messages)} client(s)"
@@ -166,10 +182,12 @@ def run_rounds(
             "clients": int(train_metrics.get("clients", 0)),
             "rejected_updates": sum(rejections.values()),
             "rejections": rejections,
-            "epsilon_max": None,
+            "declined": declined,
+            "epsilon_max": None,  # filled by the ServerApp from its receipts
             "seconds": round(time.perf_counter() - start, 3),
         }
         on_round(server_round, row)
+    return last_round
 
 
 def _rejections(metrics: MetricRecord | None) -> dict[str, int]:

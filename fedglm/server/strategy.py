@@ -9,6 +9,9 @@ payloads (`compression/FORMAT.md`), never the model as dense tensors.
   a bad payload leaves that client out of the round, logged and counted by reason.
 - Accepted updates are decoded one at a time into one preallocated fp32 accumulator: memory
   is linear in the model size, not in the number of clients.
+- With DP required (the default), an update is accepted only with a ledger entry that matches
+  it (`countersign.py`); the coordinator countersigns it and sends the receipt back. A site
+  that declines a round (its budget would be exceeded) is not selected for training again.
 - Weights are uniform by default, because a site's record count is private; a coordinator may
   ask for record-count weights, used only in a round where every replying site declared its
   count public.
@@ -17,6 +20,7 @@ payloads (`compression/FORMAT.md`), never the model as dense tensors.
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -30,8 +34,17 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedglm.compression import CODECS, Kind, PayloadError, check_header, decode
 from fedglm.config import CompressionConfig
-from fedglm.payload import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, payload_record, read_payload
+from fedglm.payload import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    LEDGER_KEY,
+    METRICS_KEY,
+    RECEIPT_KEY,
+    payload_record,
+    read_payload,
+)
 from fedglm.server.broadcast import Broadcast
+from fedglm.server.countersign import BAD_LEDGER, Countersigner
 
 Weighting = Literal["uniform", "records"]
 REJECTED_PREFIX = "rejected/"
@@ -49,13 +62,20 @@ class FedglmAvg:
         min_clients: int,
         fraction_train: float = 1.0,
         weighting: Weighting = "uniform",
+        countersigner: Countersigner | None = None,
+        require_dp: bool = True,
     ) -> None:
+        if require_dp and countersigner is None:
+            raise ValueError("require_dp needs a countersigner")
         self.broadcast = broadcast
         self.compression = compression
         self.run_key = run_key
         self.min_clients = min_clients
         self.fraction_train = fraction_train
         self.weighting = weighting
+        self.countersigner = countersigner
+        self.require_dp = require_dp
+        self.exhausted: set[int] = set()  # nodes that declined a round: their budget is spent
         self._sum = {name: np.zeros(math.prod(s), dtype=np.float32) for name, s in broadcast.shapes.items()}
 
     def summary(self) -> None:
@@ -72,12 +92,22 @@ class FedglmAvg:
             down.density,
         )
 
+    def _nodes(self, grid: Grid, fraction: float, kind: str) -> list[int]:
+        """Sample nodes once `min_clients` are connected; training leaves out exhausted nodes
+        (none if fewer than `min_clients` would remain)."""
+        sample_nodes(grid, self.min_clients, self.min_clients)  # waits for the first nodes
+        available = list(grid.get_node_ids())
+        if kind == MessageType.TRAIN:
+            available = [n for n in available if n not in self.exhausted]
+            if len(available) < self.min_clients:
+                return []
+        size = min(len(available), max(int(len(available) * fraction), self.min_clients))
+        return random.sample(available, size)
+
     def _messages(
         self, grid: Grid, server_round: int, config: ConfigRecord, fraction: float, kind: str
     ) -> list[Message]:
-        available = len(list(grid.get_node_ids()))
-        sample_size = max(int(available * fraction), self.min_clients)
-        node_ids, _ = sample_nodes(grid, self.min_clients, sample_size)
+        node_ids = self._nodes(grid, fraction, kind)
         config["server-round"] = server_round
         config["run-key"] = self.run_key
         up = self.compression.uplink
@@ -91,7 +121,11 @@ class FedglmAvg:
             blob = self.broadcast.payload_for(node, server_round)
             if id(blob) not in contents:
                 contents[id(blob)] = RecordDict({ARRAYS_KEY: payload_record(blob), CONFIG_KEY: config})
-            messages.append(Message(content=contents[id(blob)], message_type=kind, dst_node_id=node))
+            content = contents[id(blob)]
+            receipt = self.countersigner.receipt_for(node) if self.countersigner else None
+            if receipt is not None:
+                content = RecordDict({**content, RECEIPT_KEY: ConfigRecord({"line": receipt})})
+            messages.append(Message(content=content, message_type=kind, dst_node_id=node))
         return messages
 
     def configure_train(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
@@ -112,7 +146,18 @@ class FedglmAvg:
         return Message(content=content, message_type=message.metadata.message_type, dst_node_id=node)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = _successful(replies, server_round)
+        good = []
+        declined = 0
+        for reply in _successful(replies, server_round):
+            ledger = reply.content.config_records.get(LEDGER_KEY)
+            if ledger is not None and "declined" in ledger:
+                self.exhausted.add(reply.metadata.src_node_id)
+                declined += 1
+                log(
+                    INFO, "round %d: node %d %s", server_round, reply.metadata.src_node_id, ledger["declined"]
+                )
+            else:
+                good.append(reply)
         weights = self._weights([_metrics(r) for r in good], server_round)
         rejected: Counter[str] = Counter()
         for total in self._sum.values():
@@ -127,6 +172,7 @@ class FedglmAvg:
                     raise PayloadError("the reply carries dense tensors, not a fedglm payload", "bad-record")
                 header, tensors = decode(blob, self.broadcast.shapes)
                 check_header(header, kind=Kind.UPDATE, round=server_round, base=self.broadcast.hash)
+                self._countersign(reply, blob, server_round)
             except PayloadError as exc:
                 rejected[exc.reason] += 1
                 log(
@@ -145,6 +191,7 @@ class FedglmAvg:
             self.broadcast.holds(node)
         metrics = _mean_metrics(accepted, ("train_loss",))
         metrics["clients"] = len(accepted)
+        metrics["declined"] = declined
         for reason, count in rejected.items():
             metrics[REJECTED_PREFIX + reason] = count
         if not accepted:
@@ -156,6 +203,18 @@ class FedglmAvg:
             self._sum, server_round, codec=CODECS[down.codec], density=down.density, selection=down.selection
         )
         return metrics
+
+    def _countersign(self, reply: Message, blob: bytes, server_round: int) -> None:
+        ledger = reply.content.config_records.get(LEDGER_KEY)
+        if ledger is None:
+            if self.require_dp:
+                raise PayloadError("the update comes without a ledger entry (DP is required)", "no-ledger")
+            return
+        if self.countersigner is None:
+            raise PayloadError("this coordinator has no receipt key to countersign ledgers", BAD_LEDGER)
+        self.countersigner.countersign(
+            reply.metadata.src_node_id, dict(ledger), blob, server_round, self.broadcast.hash
+        )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good = _successful(replies, server_round)

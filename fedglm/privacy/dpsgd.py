@@ -1,0 +1,178 @@
+"""One round of DP-SGD at a site, with Opacus: Poisson-sampled records, per-record clipping,
+Gaussian noise.
+
+- The unit of privacy is the record (one patient note). Each step draws every training record
+  independently with probability q (Opacus' `UniformWithReplacementSampler`, the sampling
+  the accountant assumes); a sampled record contributes one random window of itself.
+- A record's loss is the mean next-token loss of its own window only, so its gradient does
+  not depend on which other records were drawn; the batch loss is the mean over records and
+  Opacus recovers each record's gradient exactly.
+- `hooks` mode (default): Opacus' per-sample gradients. Under bf16 autocast they come out in
+  bf16; they are cast to fp32 before Opacus computes the per-record norms and clips, so no
+  clipped gradient exceeds the clipping norm (in bf16 they reach 1.0023 C).
+- `ghost` mode: ghost clipping (two backward passes, no per-sample gradients; less memory).
+  It computes norms from the activations, so it runs in fp32 only.
+- fp16 autocast with a gradient scaler is refused: its norms overflow, the clip factor becomes
+  0 and the model never moves (the noise alone would be released).
+- Sampling and noise draw from generators seeded from the operating system's randomness,
+  never from the run's seed: the coordinator must not be able to replay them.
+- The local optimizer only ever sees the noised, averaged gradient (Opacus' `DPOptimizer`
+  wraps it), so its state is post-processing too.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+
+from fedglm.data import IGNORE_INDEX, window_batch
+from fedglm.training import ResolvedPrecision, TrainStats, autocast
+
+DPMode = Literal["hooks", "ghost"]
+DP_MODES: tuple[DPMode, ...] = ("hooks", "ghost")
+
+
+def check_precision(mode: DPMode, precision: ResolvedPrecision) -> str | None:
+    """Why DP-SGD cannot run in `precision` with `mode`; None if it can."""
+    if precision == "fp16":
+        return (
+            "DP-SGD with fp16 and a gradient scaler is refused: per-record norms overflow and the "
+            "model never moves; use precision bf16, fp32 or auto"
+        )
+    if mode == "ghost" and precision != "fp32":
+        return (
+            "ghost clipping computes per-record norms from activations and runs in fp32 only; "
+            "use precision fp32 or auto"
+        )
+    return None
+
+
+def dp_precision(requested: str, resolved: ResolvedPrecision, mode: DPMode) -> ResolvedPrecision:
+    """What `auto` means under DP: never fp16, and fp32 for ghost clipping."""
+    if requested == "auto" and (resolved == "fp16" or mode == "ghost"):
+        return "fp32"
+    return resolved
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+def per_record_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each row over its own non-padding targets: shape (batch,)."""
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return nll.sum(dim=1) / counts
+
+
+def train_private(
+    model: nn.Module,
+    records: Sequence[list[int]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    q: float,
+    sigma: float,
+    clip_norm: float,
+    steps: int,
+    seq_len: int,
+    precision: ResolvedPrecision,
+    mode: DPMode,
+    device: torch.device,
+    sampling: torch.Generator | None = None,
+    noise: torch.Generator | None = None,
+) -> TrainStats:
+    """`steps` DP-SGD steps on `model` (in place); the loss is the mean over sampled records."""
+    reason = check_precision(mode, precision)
+    if reason is not None:
+        raise ValueError(reason)
+    sampling = sampling or secret_generator()
+    noise = noise or secret_generator(device)
+    expected_batch = max(1.0, q * len(records))
+    params = [p for p in model.parameters() if p.requires_grad]
+    module: GradSampleModule | GradSampleModuleFastGradientClipping
+    dp_optimizer: DPOptimizer
+    if mode == "hooks":
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=sigma,
+            max_grad_norm=clip_norm,
+            expected_batch_size=expected_batch,
+            loss_reduction="mean",
+            generator=noise,
+        )
+    else:
+        module = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", max_grad_norm=clip_norm, use_ghost_clipping=True
+        )
+        dp_optimizer = DPOptimizerFastGradientClipping(
+            optimizer,
+            noise_multiplier=sigma,
+            max_grad_norm=clip_norm,
+            expected_batch_size=expected_batch,
+            loss_reduction="mean",
+            generator=noise,
+        )
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(records), sample_rate=q, generator=sampling, steps=steps
+    )
+    module.train()
+    total_loss, total_tokens, batches = 0.0, 0, 0
+    start = time.perf_counter()
+    # Opacus' hooks fire on the embedding output (token ids need no gradient): expected.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    try:
+        for picks in sampler:
+            dp_optimizer.zero_grad(set_to_none=True)
+            if len(picks) == 0:
+                _empty_batch(params, mode)
+            else:
+                inputs, targets = window_batch(records, picks, seq_len=seq_len, generator=sampling)
+                inputs, targets = inputs.to(device), targets.to(device)
+                with autocast(precision, device):
+                    logits = module(inputs)
+                losses = per_record_loss(logits, targets)
+                if mode == "hooks":
+                    losses.mean().backward()  # type: ignore[no-untyped-call]
+                    for p in params:  # norms and clipping in fp32 (see the module docstring)
+                        grad_sample = getattr(p, "grad_sample", None)
+                        if grad_sample is not None:
+                            p.grad_sample = grad_sample.float()  # type: ignore[attr-defined]
+                else:
+                    assert isinstance(module, GradSampleModuleFastGradientClipping)
+                    assert isinstance(dp_optimizer, DPOptimizerFastGradientClipping)
+                    DPTensorFastGradientClipping(module, dp_optimizer, losses, "mean").backward()
+                total_loss += float(losses.detach().mean())
+                total_tokens += int((targets != IGNORE_INDEX).sum())
+                batches += 1
+            dp_optimizer.step()
+    finally:
+        module._close()
+    seconds = time.perf_counter() - start
+    return TrainStats(loss=total_loss / max(batches, 1), steps=steps, tokens=total_tokens, seconds=seconds)
+
+
+def _empty_batch(params: list[nn.Parameter], mode: DPMode) -> None:
+    """A step that drew no record still releases noise: zero gradients, then the noisy step."""
+    for p in params:
+        if mode == "hooks":
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
+        else:
+            p.grad = torch.zeros_like(p)

@@ -1,0 +1,217 @@
+"""A site's privacy in one round: plan it (or decline it) before training, record it after.
+
+Files under the site's `state_dir/privacy/`:
+- `ledger.jsonl`: the signed ledger (`ledger.py`), verified in full before every round;
+- `receipts.jsonl`: the coordinator's receipts for the entries it received;
+- `calibration.json`: the calibrated noise multiplier for each set of inputs (a cache).
+
+The order in a round is fixed: plan (the epsilon the round would bring, against the budget),
+train with DP-SGD, compress, append the ledger entry (fsynced), save the residual, reply. An
+entry on disk counts as spent whether or not its update ever left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedglm.atomic import append_line, atomic_write_text
+from fedglm.config import PrivacyConfig, SiteSpec
+from fedglm.errors import InputError
+from fedglm.privacy.accounting import ACCOUNTANT_VERSION, Release, calibrate_sigma, epsilon
+from fedglm.privacy.keys import load_private_key
+from fedglm.privacy.ledger import LedgerLine, append_entry, canonical, load_own_ledger
+from fedglm.privacy.receipts import parse_receipt
+
+LEDGER_FILE = "ledger.jsonl"
+RECEIPTS_FILE = "receipts.jsonl"
+CALIBRATION_FILE = "calibration.json"
+
+
+def privacy_dir(state_dir: Path) -> Path:
+    return state_dir / "privacy"
+
+
+def history(lines: list[LedgerLine]) -> list[Release]:
+    return [
+        Release(float(line.entry["sigma"]), float(line.entry["q"]), int(line.entry["steps"]))
+        for line in lines
+    ]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The DP-SGD parameters of one round and the epsilon before and after it."""
+
+    q: float
+    sigma: float
+    steps: int
+    epsilon_before: float
+    epsilon_after: float
+
+
+@dataclass(frozen=True)
+class Decline:
+    epsilon: float  # spent so far
+    would_be: float  # after the round
+
+    def reason(self, budget: float) -> str:
+        return (
+            f"declined: the round would take epsilon from {self.epsilon:.4f} to {self.would_be:.4f}, "
+            f"past the site's budget of {budget:g}"
+        )
+
+
+def sample_rate(privacy: PrivacyConfig, *, batch_size: int, n_train: int) -> float:
+    if privacy.sample_rate is not None:
+        return privacy.sample_rate
+    return min(1.0, batch_size / n_train)
+
+
+def round_steps(local_steps: int | None, local_epochs: float | None, q: float) -> int:
+    """Steps of a round; with `local_epochs`, expected passes over the records (epochs / q),
+    so the count depends on public q and not on the private record count."""
+    if local_steps is not None:
+        return local_steps
+    assert local_epochs is not None
+    return max(1, math.ceil(local_epochs / q))
+
+
+def plan_round(
+    privacy: PrivacyConfig,
+    lines: list[LedgerLine],
+    *,
+    q: float,
+    steps: int,
+    planned_rounds: int,
+    n_train: int,
+    cache_dir: Path | None = None,
+) -> RoundPlan | Decline:
+    """The round's noise and epsilon; `Decline` if it would pass the site's budget."""
+    if privacy.delta * n_train >= 1.0:
+        raise InputError(
+            f"privacy.delta = {privacy.delta:g} is not below 1/{n_train} (one over the training "
+            "records): a mechanism could then release a whole record; lower delta"
+        )
+    sigma = privacy.noise_multiplier or _calibrated_sigma(privacy, q, steps * planned_rounds, cache_dir)
+    spent = history(lines)
+    before = epsilon(spent, privacy.delta, privacy.accountant)
+    after = epsilon([*spent, Release(sigma, q, steps)], privacy.delta, privacy.accountant)
+    if after > privacy.epsilon:
+        return Decline(before, after)
+    return RoundPlan(q=q, sigma=sigma, steps=steps, epsilon_before=before, epsilon_after=after)
+
+
+def _calibrated_sigma(privacy: PrivacyConfig, q: float, total_steps: int, cache_dir: Path | None) -> float:
+    key = json.dumps([privacy.epsilon, privacy.delta, q, total_steps, privacy.accountant])
+    path = cache_dir / CALIBRATION_FILE if cache_dir is not None else None
+    cache: dict[str, float] = {}
+    if path is not None and path.exists():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            cache = {k: float(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+        except (ValueError, TypeError):
+            cache = {}  # a damaged cache is only recomputed
+    if key not in cache:
+        try:
+            cache[key] = calibrate_sigma(
+                target_epsilon=privacy.epsilon,
+                delta=privacy.delta,
+                q=q,
+                steps=total_steps,
+                accountant=privacy.accountant,
+            )
+        except ValueError as exc:
+            raise InputError(f"privacy.epsilon = {privacy.epsilon:g} cannot be met: {exc}") from None
+        if path is not None:
+            atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
+    return cache[key]
+
+
+def config_hash(*sections: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(list(sections))).hexdigest()
+
+
+def record_round(
+    ledger: Path,
+    lines: list[LedgerLine],
+    plan: RoundPlan,
+    privacy: PrivacyConfig,
+    key: Ed25519PrivateKey,
+    *,
+    client: str,
+    run: str,
+    server_round: int,
+    precision: str,
+    model_received: str,
+    update_sent: str,
+    config_digest: str,
+) -> LedgerLine:
+    """Append the round's signed entry (fsynced) before its update leaves the site."""
+    fields = {
+        "client": client,
+        "run": run,
+        "round": server_round,
+        "unit": privacy.unit,
+        "sampler": "poisson",
+        "q": plan.q,
+        "sigma": plan.sigma,
+        "steps": plan.steps,
+        "clip_norm": privacy.clip_norm,
+        "delta": privacy.delta,
+        "accountant": privacy.accountant,
+        "accountant_version": ACCOUNTANT_VERSION,
+        "epsilon": plan.epsilon_after,
+        "budget": privacy.epsilon,
+        "mode": privacy.mode,
+        "precision": precision,
+        "model_received": model_received,
+        "update_sent": update_sent,
+        "config_hash": config_digest,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return append_entry(ledger, lines, fields, key)
+
+
+def keep_receipt(state_dir: Path, line: str, lines: list[LedgerLine]) -> bool:
+    """Store a receipt from the coordinator if it is for one of this site's entries."""
+    try:
+        parsed = parse_receipt(json.loads(line))
+    except json.JSONDecodeError:
+        return False
+    if isinstance(parsed, str):
+        return False
+    body, _ = parsed
+    if not any(x.hash == body["entry_hash"] and x.entry["sequence"] == body["sequence"] for x in lines):
+        return False
+    path = privacy_dir(state_dir) / RECEIPTS_FILE
+    if path.exists() and line in path.read_text(encoding="utf-8").splitlines():
+        return True
+    append_line(path, line)
+    return True
+
+
+def open_ledger(state_dir: Path, key: Ed25519PrivateKey) -> tuple[Path, list[LedgerLine]]:
+    path = privacy_dir(state_dir) / LEDGER_FILE
+    return path, load_own_ledger(path, key.public_key())
+
+
+def describe_site_privacy(site: SiteSpec) -> str:
+    """Load the site's key and verify its ledger, and say what the ledger holds."""
+    if site.state_dir is None:
+        raise InputError(f"site {site.name} has no state_dir")
+    key = load_private_key(site.signing_key())
+    path, lines = open_ledger(site.state_dir, key)
+    privacy = site.privacy
+    spent = float(lines[-1].entry["epsilon"]) if lines else 0.0
+    return (
+        f"{site.name}: DP-SGD per record, budget epsilon {privacy.epsilon:g} at delta {privacy.delta:g}; "
+        f"ledger {path} holds {len(lines)} entr{'y' if len(lines) == 1 else 'ies'}, epsilon spent {spent:.4f}"
+    )
