@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedglm.cli import certs, client, partition, server, simulate
+from fedglm.cli import audit, certs, client, keys, partition, server, simulate
 
 app = typer.Typer(
     name="fedglm",
@@ -18,3 +18,5 @@ app.command("server")(server.server)
 app.command("client")(client.client)
 app.command("certs")(certs.certs)
 app.command("partition")(partition.partition)
+app.command("keys")(keys.keys)
+app.command("audit")(audit.audit)
