@@ -107,10 +107,14 @@ def test_missing_required_key(tmp_path: Path) -> None:
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
-    text = "site: a\ncoordinator: 127.0.0.1:9092\nca_cert: certs/ca.crt\ndata:\n  path: notes\n"
+    text = (
+        "site: a\ncoordinator: 127.0.0.1:9092\nca_cert: certs/ca.crt\ndata:\n  path: notes\n"
+        "privacy:\n  sample_rate: 0.05\n  signing_key: keys/site.key\n"
+    )
     cfg = load_config(write(tmp_path, text), HospitalConfig)
     assert cfg.ca_cert == tmp_path / "certs" / "ca.crt"
     assert cfg.data.path == tmp_path / "notes"
+    assert cfg.site_spec().signing_key() == tmp_path / "keys" / "site.key"
 
 
 def test_preset_fills_sizes_and_explicit_keys_override() -> None:

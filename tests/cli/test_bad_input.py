@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from fedglm.certs import CertPaths
 from fedglm.cli.main import app
+from fedglm.privacy.keys import make_keys
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.superlink import TLSFiles, start_superlink
 
@@ -44,6 +45,7 @@ def hospital(
         f"site: h1\ncoordinator: {coordinator}\nruntime_port: {port or free_port()}\n"
         + (f"ca_cert: {ca}\n" if ca else "")
         + f"state_dir: state\ndata:\n  path: {data}\n  field: {field}\n"
+        + "privacy:\n  sample_rate: 0.1\n"
     )
     return path
 
@@ -82,8 +84,47 @@ def test_client_without_ca_or_insecure_off_loopback(tmp_path: Path) -> None:
 
 def test_unreachable_coordinator_gives_up_when_asked(tmp_path: Path, certs: CertPaths) -> None:
     config = hospital(tmp_path, ca=certs.ca_cert, coordinator=f"127.0.0.1:{free_port()}")
+    make_keys(tmp_path / "state", "ledger")
     code, stderr = run("client", "--config", str(config), "--give-up-after", "2")
     assert_one_line(code, stderr, "unreachable after")
+
+
+def test_client_without_a_signing_key(tmp_path: Path, certs: CertPaths) -> None:
+    config = hospital(tmp_path, ca=certs.ca_cert)
+    code, stderr = run("client", "--config", str(config))
+    assert_one_line(code, stderr, "no signing key at", "fedglm keys --out")
+
+
+def test_client_with_a_damaged_ledger(tmp_path: Path, certs: CertPaths) -> None:
+    config = hospital(tmp_path, ca=certs.ca_cert)
+    make_keys(tmp_path / "state", "ledger")
+    (tmp_path / "state" / "privacy").mkdir()
+    (tmp_path / "state" / "privacy" / "ledger.jsonl").write_text('{"entry": ')
+    code, stderr = run("client", "--config", str(config))
+    assert_one_line(code, stderr, "does not verify", "line 1")
+
+
+@pytest.mark.parametrize(
+    ("privacy", "fragment"),
+    [
+        ("accountant: gdp", "privacy.accountant = 'gdp'"),
+        ("delta: 0.01", "privacy.delta = 0.01"),
+        ("epsilon: -1", "privacy.epsilon = -1"),
+        ("epsilon: 1000", "privacy.epsilon = 1000"),
+        ("mode: functorch", "privacy.mode"),
+        ("unit: window", "privacy.unit"),
+    ],
+)
+def test_bad_privacy_settings(tmp_path: Path, privacy: str, fragment: str) -> None:
+    config = hospital(tmp_path)
+    config.write_text(config.read_text() + f"  {privacy}\n")
+    assert_one_line(*run("client", "--config", str(config)), fragment)
+
+
+def test_sampling_rate_that_would_publish_the_record_count(tmp_path: Path) -> None:
+    config = hospital(tmp_path)
+    config.write_text(config.read_text().replace("privacy:\n  sample_rate: 0.1\n", ""))
+    assert_one_line(*run("client", "--config", str(config)), "set privacy.sample_rate", "share.record_count")
 
 
 def test_runtime_port_in_use(tmp_path: Path, certs: CertPaths) -> None:
@@ -129,6 +170,7 @@ def superlink(tmp_path: Path, certs: CertPaths) -> Iterator[int]:
 @pytest.mark.integration
 def test_wrong_ca_certificate(tmp_path: Path, superlink: int, other_certs: CertPaths) -> None:
     config = hospital(tmp_path, ca=other_certs.ca_cert, coordinator=f"127.0.0.1:{superlink}")
+    make_keys(tmp_path / "state", "ledger")
     assert_one_line(*run("client", "--config", str(config)), "does not verify the coordinator")
 
 

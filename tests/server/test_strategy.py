@@ -39,6 +39,7 @@ def make_strategy(weighting: str = "uniform") -> FedglmAvg:
         run_key="run",
         min_clients=1,
         weighting=weighting,  # type: ignore[arg-type]
+        require_dp=False,
     )
 
 
