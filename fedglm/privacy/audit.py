@@ -18,9 +18,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,16 @@ BUDGET_SLACK = 1e-3  # numerical slack of a recomputation against the budget
 
 def dp_accounting_epsilon(releases: list[Release], delta: float, kind: str) -> float:
     """Epsilon of `releases` at `delta` with dp-accounting's PLD or RDP accountant."""
+    return _dp_accounting_epsilon(tuple(sorted(merged(releases), key=astuple)), delta, kind)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dp_accounting_epsilon(releases: tuple[Release, ...], delta: float, kind: str) -> float:
     events = [
         dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(r.q, dp_accounting.GaussianDpEvent(r.sigma)), r.steps
         )
-        for r in merged(releases)
+        for r in releases
     ]
     if not events:
         return 0.0

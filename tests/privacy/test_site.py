@@ -1,0 +1,73 @@
+"""Budgets: a site declines exactly the round that would pass its budget; what is written is spent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedglm.config import PrivacyConfig
+from fedglm.errors import InputError
+from fedglm.privacy.accounting import Release, epsilon
+from fedglm.privacy.site import Decline, RoundPlan, history, plan_round, round_steps, sample_rate
+from tests.privacy.helpers import new_site, release
+
+SIGMA, Q, STEPS = 1.0, 0.05, 20
+
+
+def spent_after(rounds: int) -> float:
+    return epsilon([Release(SIGMA, Q, STEPS)] * rounds, 1e-5, "prv")
+
+
+def test_declines_exactly_when_the_next_round_would_exceed_the_budget(tmp_path: Path) -> None:
+    budget = (spent_after(3) + spent_after(4)) / 2  # 3 rounds fit, the 4th does not
+    privacy = PrivacyConfig(noise_multiplier=SIGMA, epsilon=budget, sample_rate=Q)
+    site = new_site(tmp_path)
+    for server_round in (1, 2, 3):
+        line = release(site, privacy, server_round=server_round, q=Q, steps=STEPS)
+        assert line is not None
+        assert line.entry["epsilon"] == pytest.approx(spent_after(server_round), rel=1e-6)
+        assert line.entry["epsilon"] <= budget
+    decline = plan_round(privacy, site.lines(), q=Q, steps=STEPS, planned_rounds=4, n_train=1000)
+    assert isinstance(decline, Decline)
+    assert decline.epsilon == pytest.approx(spent_after(3), rel=1e-6)
+    assert decline.would_be > budget
+    assert "past the site's budget" in decline.reason(budget)
+    # a smaller round still fits, and is not declined
+    smaller = plan_round(privacy, site.lines(), q=Q, steps=1, planned_rounds=4, n_train=1000)
+    assert isinstance(smaller, RoundPlan)
+
+
+def test_a_crash_between_the_ledger_write_and_the_upload_counts_as_spent(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(noise_multiplier=SIGMA, epsilon=100.0, sample_rate=Q)
+    site = new_site(tmp_path)
+    written = release(site, privacy, server_round=1)
+    assert written is not None
+    # the process dies here: no residual saved, no reply sent; a fresh process reads the ledger
+    after_restart = plan_round(privacy, site.lines(), q=Q, steps=STEPS, planned_rounds=4, n_train=1000)
+    assert isinstance(after_restart, RoundPlan)
+    assert after_restart.epsilon_before == pytest.approx(written.entry["epsilon"], rel=1e-9)
+    assert history(site.lines()) == [Release(SIGMA, Q, STEPS)]
+
+
+def test_calibration_spends_the_budget_over_the_planned_rounds(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(epsilon=3.0, sample_rate=Q)
+    site = new_site(tmp_path)
+    lines = [release(site, privacy, server_round=r, planned_rounds=3) for r in (1, 2, 3)]
+    assert all(line is not None for line in lines)
+    final = lines[-1]
+    assert final is not None and 2.95 < final.entry["epsilon"] <= 3.0
+    assert release(site, privacy, server_round=4, planned_rounds=3) is None  # the budget is spent
+
+
+def test_delta_must_be_below_one_over_the_records(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(noise_multiplier=1.0, delta=1e-3, sample_rate=Q)
+    with pytest.raises(InputError, match=r"privacy\.delta = 0\.001 is not below 1/2000"):
+        plan_round(privacy, [], q=Q, steps=STEPS, planned_rounds=1, n_train=2000)
+
+
+def test_sampling_rate_and_steps_are_public() -> None:
+    assert sample_rate(PrivacyConfig(sample_rate=0.02), batch_size=16, n_train=100) == 0.02
+    assert sample_rate(PrivacyConfig(sample_rate=None), batch_size=16, n_train=100) == 0.16
+    assert round_steps(None, 2.0, 0.1) == 20  # expected passes over the records, from q alone
+    assert round_steps(7, None, 0.1) == 7
