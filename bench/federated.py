@@ -36,6 +36,8 @@ from fedglm.config import (  # noqa: E402
     DataConfig,
     FederationConfig,
     LinkConfig,
+    PrivacyConfig,
+    ShareConfig,
     SiteSpec,
     UplinkConfig,
     load_config,
@@ -72,6 +74,9 @@ def make_sites(data: Path, out: Path) -> list[SiteSpec]:
         SiteSpec(
             name=f"hospital-{i}",
             data=DataConfig(path=part.path, format="jsonl", field="text"),
+            # MTSamples is public: losses and counts may be shared. No DP here (bench/privacy.py).
+            share=ShareConfig(loss=True, record_count=True),
+            privacy=PrivacyConfig(enabled=False),
             state_dir=out / "sites" / f"hospital-{i}" / "state",
         )
         for i, part in enumerate(parts, start=1)

@@ -32,12 +32,58 @@ def test_simulate_two_sites_two_rounds(tmp_path: Path) -> None:
     for row in rows:
         assert set(REQUIRED_KEYS) <= set(row)
         assert row["clients"] == 2
-        assert row["epsilon_max"] is None and row["rejected_updates"] == 0
+        assert row["rejected_updates"] == 0 and row["declined"] == 0
+        # DP-SGD at both sites (default budget 8, spread over the run's rounds)
+        assert 0 < row["epsilon_max"] <= 8.0 and set(row["epsilon"]) == {"site-1", "site-2"}
         # topk by default: compressed uploads, and compressed downloads after round 1's seed
         assert 0 < row["upload_bytes"] * 5 < row["dense_upload_bytes"]
         assert 0 < row["download_bytes"] * 3 < row["dense_download_bytes"]
     assert rows[1]["val_loss"] < rows[0]["val_loss"]
+    assert rows[1]["epsilon_max"] > rows[0]["epsilon_max"]
     assert "round 2/2" in result.output
+    assert "privacy (unit: one record" in result.output
+    # each site's ledger verifies, with the coordinator's receipts, and spent within its budget
+    for site in ("site-1", "site-2"):
+        state = out / "sites" / site / "state"
+        audit = CliRunner().invoke(
+            app,
+            [
+                "audit",
+                str(state / "privacy" / "ledger.jsonl"),
+                "--public-key",
+                str(state / "ledger.pub"),
+                "--server-key",
+                str(out / "receipt.pub"),
+                "--receipts",
+                str(out / "receipts" / f"{site}.jsonl"),
+                "--json",
+            ],
+        )
+        assert audit.exit_code == 0, audit.output
+        report = json.loads(audit.stdout)
+        assert [r["receipt"] for r in report["rows"]] == ["ok", "ok"]
+        assert report["rows"][-1]["claimed"] == rows[1]["epsilon"][site]
+
+
+def test_sites_decline_when_their_budget_is_spent_and_the_run_ends(tmp_path: Path) -> None:
+    """Budgets planned for 1 round in a 3-round run: round 2 is declined and the run stops."""
+    config = tmp_path / "sim.yaml"
+    config.write_text(
+        "federation:\n  rounds: 3\n  min_clients: 2\n"
+        "  train:\n    local_steps: 5\n    batch_size: 8\n    seq_len: 64\n"
+        "generated:\n  sites: 2\n  records_per_site: 40\n"
+        "privacy:\n  epsilon: 2.0\n  rounds: 1\n"
+    )
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["simulate", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1]
+    assert (out / "DONE").read_text() == "1\n"
+    assert 1.9 < rows[0]["epsilon_max"] <= 2.0
+    for site in ("site-1", "site-2"):
+        ledger = out / "sites" / site / "state" / "privacy" / "ledger.jsonl"
+        assert len(ledger.read_text().splitlines()) == 1  # the declined round spent nothing
     assert "fewer than dense" in result.output
     # Each site kept its copy of the global model and its residual between messages.
     for site in ("site-1", "site-2"):

@@ -13,6 +13,7 @@ import pytest
 
 from fedglm.certs import CertPaths
 from fedglm.corpus import write_generated_corpus
+from fedglm.privacy.keys import make_keys
 from fedglm.processes import free_port
 from fedglm.server.checkpoint import load_checkpoint
 
@@ -52,7 +53,9 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
             f"site: h{i}\ncoordinator: 127.0.0.1:{port}\nca_cert: {certs.ca_cert}\n"
             f"runtime_port: {free_port()}\nstate_dir: state-{i}\n"
             f"data: {{path: {path}, field: text}}\n"
+            "privacy: {sample_rate: 0.2, epsilon: 8.0}\n"
         )
+        make_keys(tmp_path / f"state-{i}", "ledger")
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("server1", "server2", "h1", "h2")}
 
     def launch(args: list[str], log: str) -> subprocess.Popen[bytes]:
@@ -61,7 +64,8 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
     clients = [launch(["client", "--config", f"h{i}.yaml"], f"h{i}") for i in (1, 2)]
     try:
         first = launch(["server", "--config", "coordinator.yaml"], "server1")
-        _wait_for(lambda: _rounds(out) == [1], 240, "round 1")
+        _wait_for(lambda: _rounds(out) == [1] or any(c.poll() is not None for c in clients), 240, "round 1")
+        assert all(c.poll() is None for c in clients), (tmp_path / "h1.log").read_text()
         first.send_signal(signal.SIGKILL)  # no chance to clean up: its SuperLink must die with it
         first.wait(10)
         checkpoint = load_checkpoint(out)
@@ -81,6 +85,27 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
     final = load_checkpoint(out)
     assert final is not None and final.round == 2
     assert all(p.returncode == 0 for p in clients), [p.returncode for p in clients]
+    # both rounds are in each site's ledger, countersigned across the coordinator's restart
+    for i in (1, 2):
+        audit = subprocess.run(
+            [
+                *FEDGLM,
+                "audit",
+                f"state-{i}/privacy/ledger.jsonl",
+                "--public-key",
+                f"state-{i}/ledger.pub",
+                "--server-key",
+                "run/receipt.pub",
+                "--receipts",
+                f"run/receipts/h{i}.jsonl",
+                "--json",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert audit.returncode == 0, audit.stderr
+        assert [r["receipt"] for r in json.loads(audit.stdout)["rows"]] == ["ok", "ok"]
 
 
 def _port_free(port: int) -> bool:

@@ -1,16 +1,19 @@
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedglm import compression
 from fedglm.compression import CODECS, NO_HASH, Header, Kind
 from fedglm.config import CompressionConfig, LinkConfig
-from fedglm.payload import ARRAYS_KEY, METRICS_KEY, payload_record
+from fedglm.payload import ARRAYS_KEY, LEDGER_KEY, METRICS_KEY, payload_record
 from fedglm.server.broadcast import Broadcast
+from fedglm.server.countersign import Countersigner
 from fedglm.server.strategy import REJECTED_PREFIX, FedglmAvg
 
 SHAPES = {"w": (2, 2), "b": (2,)}
@@ -139,3 +142,27 @@ def test_evaluate_means_and_marks_holders() -> None:
     assert metrics is not None
     assert (metrics["val_loss"], metrics["val_bpb"], metrics["clients"]) == (2.0, 2.0, 2)
     assert set(strategy.broadcast.holders) == {4, 5}
+
+
+def test_a_declining_site_is_counted_and_not_selected_for_training_again() -> None:
+    strategy = make_strategy()
+    declined = FakeReply(None, {"declined": 1, "epsilon": 7.9}, node=2)
+    declined.content[LEDGER_KEY] = ConfigRecord({"declined": "declined: past the site's budget of 8"})
+    metrics = strategy.aggregate_train(1, replies(FakeReply(update(strategy, 1.0), {}, node=1), declined))
+    assert metrics is not None and metrics["clients"] == 1 and metrics["declined"] == 1
+    assert strategy.exhausted == {2}
+
+
+def test_dp_required_refuses_an_update_without_a_ledger_entry(tmp_path: Path) -> None:
+    broadcast = Broadcast({name: torch.zeros(shape) for name, shape in SHAPES.items()}, initial=True)
+    strategy = FedglmAvg(
+        broadcast=broadcast,
+        compression=DENSE_DOWNLINK,
+        run_key="run",
+        min_clients=1,
+        countersigner=Countersigner(Ed25519PrivateKey.generate(), tmp_path, "run"),
+    )
+    metrics = strategy.aggregate_train(1, replies(FakeReply(update(strategy, 1.0), {}, node=1)))
+    assert metrics is not None and metrics["clients"] == 0 and metrics[REJECTED_PREFIX + "no-ledger"] == 1
+    with pytest.raises(ValueError, match="countersigner"):
+        FedglmAvg(broadcast=broadcast, compression=DENSE_DOWNLINK, run_key="run", min_clients=1)

@@ -1,0 +1,237 @@
+"""What DP-SGD costs: step time and peak memory per mode, and model quality at epsilon 8 and 3.
+
+    python bench/privacy.py --data ../shared/data/mtsamples.csv [--out runs/bench-privacy]
+                            [--skip-federated] [--skip-steps]
+
+1. Step time. The same model (the `small` preset, 3.3 M parameters) and the same batch (16
+   records, 128-token windows, every record drawn: q = 1) take plain AdamW steps and DP-SGD steps
+   in each supported mode, alternated in one process (times on this shared machine drift); the
+   median step times give the ratio DP / plain. Modes: `hooks` (the default; bf16 autocast
+   where the CPU has native bf16, per-record norms and clipping in fp32), `hooks` in fp32, and
+   `ghost` (ghost clipping, fp32). Peak memory: each configuration runs alone in a child process
+   that reports its peak resident memory above what it held before its first step (on a GPU:
+   `torch.cuda.max_memory_allocated`).
+2. Quality. MTSamples split into 4 hospitals by specialty (as `fedglm partition` does), the
+   federation of bench/federated.yaml (tiny model, 5 rounds, 10 local steps, topk uplink at
+   10%), run through `fedglm simulate`'s real deployment engine three times: without DP, and
+   with each site's budget at epsilon 8 and 3 (delta 1e-5, PRV accountant, sigma calibrated to
+   spend the budget over the 5 rounds, q = batch size / records declared public). Printed: the
+   final validation loss of each, with sigma and the epsilon each site's ledger reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedglm.config import (  # noqa: E402
+    DataConfig,
+    FederationConfig,
+    ModelConfig,
+    PrivacyConfig,
+    ShareConfig,
+    SimulateConfig,
+    SiteSpec,
+    load_config,
+)
+from fedglm.data import encode, window_batch  # noqa: E402
+from fedglm.model import build_model  # noqa: E402
+from fedglm.partition import partition_csv  # noqa: E402
+from fedglm.privacy.dpsgd import train_private  # noqa: E402
+from fedglm.simulate import run_simulation  # noqa: E402
+from fedglm.training import autocast, lm_loss, make_optimizer, resolve_precision  # noqa: E402
+
+BATCH, SEQ = 16, 128
+MODES = {  # name: (DP mode or None for plain, precision)
+    "plain auto": (None, "auto"),
+    "dp hooks auto": ("hooks", "auto"),
+    "plain fp32": (None, "fp32"),
+    "dp hooks fp32": ("hooks", "fp32"),
+    "dp ghost fp32": ("ghost", "fp32"),
+}
+BASELINE = {"dp hooks auto": "plain auto", "dp hooks fp32": "plain fp32", "dp ghost fp32": "plain fp32"}
+
+
+def step_records() -> list[list[int]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return [encode(text[i * 400 : i * 400 + 400]) for i in range(BATCH)]  # each longer than a window
+
+
+class Stepper:
+    """One configuration's model, optimizer and batch; `run(n)` times n steps."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self.mode, requested = MODES[name]
+        self.device = device
+        self.precision = resolve_precision(requested, device)  # type: ignore[arg-type]
+        if self.precision == "fp16":
+            self.precision = "fp32"
+        self.model = build_model(ModelConfig(preset="small").glm_args(), 0).to(device)
+        self.optimizer = make_optimizer(self.model, name="adamw", lr=1e-4, momentum=0.9, weight_decay=0.0)
+        self.records = step_records()
+        inputs, targets = window_batch(
+            self.records, list(range(BATCH)), seq_len=SEQ, generator=torch.Generator().manual_seed(0)
+        )
+        self.inputs, self.targets = inputs.to(device), targets.to(device)
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` steps."""
+        start = time.perf_counter()
+        if self.mode is None:
+            for _ in range(steps):
+                with autocast(self.precision, self.device):
+                    logits = self.model(self.inputs)
+                loss = lm_loss(logits, self.targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        else:
+            train_private(
+                self.model,
+                self.records,
+                optimizer=self.optimizer,
+                q=1.0,
+                sigma=1.0,
+                clip_norm=1.0,
+                steps=steps,
+                seq_len=SEQ,
+                precision=self.precision,
+                mode=self.mode,
+                device=self.device,
+            )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
+
+
+def peak_memory_child(name: str) -> None:
+    """Child process: one configuration alone; print its peak memory above its start."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stepper = Stepper(name, device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    stepper.run(3)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    print(json.dumps({"name": name, "precision": stepper.precision, "peak_bytes": peak}))
+
+
+def step_times(rounds: int, steps: int) -> dict[str, float]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    steppers = {name: Stepper(name, device) for name in MODES}
+    for stepper in steppers.values():
+        stepper.run(1)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in MODES}
+    for _ in range(rounds):
+        for name, stepper in steppers.items():
+            times[name].append(stepper.run(steps))
+    print(
+        f"\nstep time, small model ({sum(p.numel() for p in steppers['plain auto'].model.parameters()):,} "
+        f"parameters), batch {BATCH} x {SEQ} tokens, {device.type}, median of {rounds} x {steps} steps"
+    )
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, seconds in medians.items():
+        base = BASELINE.get(name)
+        ratio = f"  ratio to {base}: {seconds / medians[base]:.2f}x" if base else ""
+        print(f"  {name:14s} ({steppers[name].precision}) {seconds * 1000:8.1f} ms/step{ratio}")
+    return medians
+
+
+def peak_memory() -> None:
+    print("\npeak memory above the process's start, each configuration alone")
+    for name in MODES:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", name], capture_output=True, text=True, check=True
+        )
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {name:14s} ({row['precision']}) {row['peak_bytes'] / 2**20:8.0f} MiB")
+
+
+def mtsamples_sites(data: Path, out: Path, privacy: PrivacyConfig) -> list[SiteSpec]:
+    parts = partition_csv(
+        data, text_column="transcription", label_column="medical_specialty", sites=4, out_dir=out / "data"
+    )
+    return [
+        SiteSpec(
+            name=f"hospital-{i}",
+            data=DataConfig(path=part.path, format="jsonl", field="text"),
+            share=ShareConfig(loss=True, record_count=True),  # MTSamples is public
+            privacy=privacy,
+        )
+        for i, part in enumerate(parts, start=1)
+    ]
+
+
+def federated(data: Path, out: Path) -> None:
+    base = load_config(ROOT / "bench" / "federated.yaml", FederationConfig)
+    variants: dict[str, PrivacyConfig] = {
+        "no DP": PrivacyConfig(enabled=False),
+        "epsilon 8": PrivacyConfig(epsilon=8.0, delta=1e-5),
+        "epsilon 3": PrivacyConfig(epsilon=3.0, delta=1e-5),
+    }
+    results = []
+    for name, privacy in variants.items():
+        run_dir = out / name.replace(" ", "-")
+        config = SimulateConfig(
+            federation=base.model_copy(update={"require_dp": privacy.enabled}),
+            sites=mtsamples_sites(data, run_dir, privacy),
+        )
+        started = time.perf_counter()
+        rows, ledgers = run_simulation(config, run_dir, on_row=lambda row: None, on_status=lambda s: None)
+        results.append((name, rows, ledgers, time.perf_counter() - started))
+        print(
+            f"  {name:10s} val_loss {rows[-1]['val_loss']:.4f}  ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    print(
+        f"\nMTSamples, 4 hospitals, {base.rounds} rounds, tiny model, {base.train.local_steps} local steps, "
+        f"topk uplink {base.compression.uplink.density:g}; delta 1e-5, PRV, unit: one record"
+    )
+    baseline = results[0][1][-1]["val_loss"]
+    for name, rows, ledgers, seconds in results:
+        loss = rows[-1]["val_loss"]
+        eps = [f"{row['epsilon']:.3f}" for row in ledgers]
+        sigma = [f"{row['sigma']:.3f}" for row in ledgers]
+        print(
+            f"  {name:10s} final val_loss {loss:.4f} ({100 * (loss - baseline) / baseline:+.1f}% vs no DP)"
+            + (f"  epsilon per site {', '.join(eps)}  sigma {', '.join(sigma)}" if ledgers else "")
+            + f"  {seconds:.0f} s"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="MTSamples CSV (e.g. ../shared/data/mtsamples.csv)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-privacy")
+    parser.add_argument("--rounds", type=int, default=5, help="alternation rounds for step times")
+    parser.add_argument("--steps", type=int, default=5, help="steps per configuration and round")
+    parser.add_argument("--skip-steps", action="store_true")
+    parser.add_argument("--skip-federated", action="store_true")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        peak_memory_child(args.memory_child)
+        return
+    if not args.skip_steps:
+        step_times(args.rounds, args.steps)
+        peak_memory()
+    if not args.skip_federated:
+        if args.data is None:
+            parser.error("--data is required for the federated part (or pass --skip-federated)")
+        federated(args.data, args.out.absolute())
+
+
+if __name__ == "__main__":
+    main()

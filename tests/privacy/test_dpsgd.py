@@ -1,0 +1,161 @@
+"""DP-SGD at a site: exact per-record gradients, clipping that holds under bf16, refused modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedglm.data import encode
+from fedglm.model import GLM, GLMArgs, build_model
+from fedglm.privacy.dpsgd import check_precision, dp_precision, per_record_loss, train_private
+from fedglm.training import ResolvedPrecision, cpu_has_native_bf16
+
+ARGS = GLMArgs(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32)
+CPU = torch.device("cpu")
+
+
+def records(n: int) -> list[list[int]]:
+    # shorter than the window: every record's window is the whole record, deterministic
+    return [encode(f"note {i}: " + "abc " * (i % 4 + 1)) for i in range(n)]
+
+
+def flat_change(model: GLM, before: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(p.detach() - before[n]).reshape(-1) for n, p in model.named_parameters()])
+
+
+def one_step(
+    model: GLM,
+    data: list[list[int]],
+    *,
+    clip: float,
+    precision: ResolvedPrecision = "fp32",
+    mode: str = "hooks",
+) -> torch.Tensor:
+    """The parameter change of one noise-free SGD step (lr 1) in which every record is drawn."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_private(
+        model,
+        data,
+        optimizer=optimizer,
+        q=1.0,
+        sigma=0.0,
+        clip_norm=clip,
+        steps=1,
+        seq_len=32,
+        precision=precision,
+        mode=mode,
+        device=CPU,  # type: ignore[arg-type]
+    )
+    return flat_change(model, before)
+
+
+def reference_gradient(model: GLM, data: list[list[int]]) -> torch.Tensor:
+    """The mean over records of each record's own gradient, one record at a time, no Opacus."""
+    total = None
+    for tokens in data:
+        model.zero_grad()
+        x = torch.tensor([tokens[:-1] + [257] * (32 - len(tokens) + 1)])
+        y = torch.tensor([tokens[1:] + [-100] * (32 - len(tokens) + 1)])
+        per_record_loss(model(x), y).sum().backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        total = grad if total is None else total + grad
+    assert total is not None
+    return total / len(data)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_unclipped_noise_free_step_is_the_mean_of_per_record_gradients(mode: str) -> None:
+    data = records(6)
+    model = build_model(ARGS, 0)
+    expected = -reference_gradient(build_model(ARGS, 0), data)
+    change = one_step(model, data, clip=1e6, mode=mode)
+    torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_clipped_record_never_exceeds_the_clipping_norm(precision: ResolvedPrecision) -> None:
+    if precision == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    clip = 0.01  # far below the gradient norm: clipping is active
+    for seed in range(5):
+        change = one_step(build_model(ARGS, seed), records(1), clip=clip, precision=precision)
+        norm = float(change.norm())
+        assert norm <= clip * (1 + 1e-5), norm  # bf16 per-sample norms alone reach 1.0023 C
+        assert norm >= clip * (1 - 1e-4)  # and clipping is exact: bf16 norms miss by 0.1%
+
+
+def test_a_step_that_draws_no_record_releases_noise_only() -> None:
+    model = build_model(ARGS, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = train_private(
+        model,
+        records(4),
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        q=1e-12,
+        sigma=1.0,
+        clip_norm=1.0,
+        steps=2,
+        seq_len=32,
+        precision="fp32",
+        mode="hooks",
+        device=CPU,
+    )
+    change = flat_change(model, before)
+    assert stats.tokens == 0
+    # two steps of N(0, (sigma C)^2) per coordinate, averaged over an expected batch of 1
+    assert 0.5 < float(change.std()) / 2**0.5 < 1.5
+
+
+def test_fp16_with_a_gradient_scaler_is_refused_and_ghost_runs_in_fp32() -> None:
+    assert "fp16" in (check_precision("hooks", "fp16") or "")
+    assert "fp32 only" in (check_precision("ghost", "bf16") or "")
+    assert check_precision("hooks", "bf16") is None
+    assert dp_precision("auto", "fp16", "hooks") == "fp32"
+    assert dp_precision("auto", "bf16", "ghost") == "fp32"
+    assert dp_precision("auto", "bf16", "hooks") == "bf16"
+    with pytest.raises(ValueError, match="refused"):
+        model = build_model(ARGS, 0)
+        train_private(
+            model,
+            records(2),
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            q=0.5,
+            sigma=1.0,
+            clip_norm=1.0,
+            steps=1,
+            seq_len=32,
+            precision="fp16",
+            mode="hooks",
+            device=CPU,
+        )
+
+
+def test_sampling_and_noise_are_not_replayable() -> None:
+    """Two runs from the same model and data differ: the generators are seeded secretly."""
+    changes = []
+    for _ in range(2):
+        model = build_model(ARGS, 0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train_private(
+            model,
+            records(8),
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            q=0.5,
+            sigma=1.0,
+            clip_norm=1.0,
+            steps=1,
+            seq_len=32,
+            precision="fp32",
+            mode="hooks",
+            device=CPU,
+        )
+        changes.append(flat_change(model, before))
+    assert not torch.equal(changes[0], changes[1])
+
+
+def test_the_model_is_left_without_opacus_hooks() -> None:
+    model = build_model(ARGS, 0)
+    one_step(model, records(2), clip=1.0)
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert all(not hasattr(p, "grad_sample") or p.grad_sample is None for p in model.parameters())

@@ -1,0 +1,122 @@
+"""The coordinator countersigns a ledger line only if it matches the update it came with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedglm.compression import PayloadError
+from fedglm.privacy.keys import key_id, public_pem
+from fedglm.privacy.ledger import FORMAT, GENESIS, sign_line
+from fedglm.privacy.receipts import read_receipts, receipt_ok
+from fedglm.server.countersign import Countersigner
+
+BLOB = b"compressed update bytes"
+BASE = bytes(range(32))
+
+
+def entry(**changes: Any) -> dict[str, Any]:
+    fields = {
+        "format": FORMAT,
+        "client": "site-a",
+        "key": "",
+        "run": "run-1",
+        "round": 3,
+        "sequence": 0,
+        "unit": "record",
+        "sampler": "poisson",
+        "q": 0.05,
+        "sigma": 1.0,
+        "steps": 20,
+        "clip_norm": 1.0,
+        "delta": 1e-5,
+        "accountant": "prv",
+        "accountant_version": "opacus 1.6.0",
+        "epsilon": 1.5,
+        "budget": 8.0,
+        "mode": "hooks",
+        "precision": "bf16",
+        "model_received": BASE.hex(),
+        "update_sent": hashlib.sha256(BLOB).hexdigest(),
+        "config_hash": "cd" * 32,
+        "prev": GENESIS,
+        "time": "2026-11-21T00:00:00+00:00",
+    }
+    fields.update(changes)
+    fields["key"] = key_id(SITE_KEY.public_key()) if "key" not in changes else changes["key"]
+    return fields
+
+
+SITE_KEY = Ed25519PrivateKey.generate()
+
+
+def ledger_record(fields: dict[str, Any], key: Ed25519PrivateKey = SITE_KEY) -> dict[str, Any]:
+    return {"line": json.dumps(sign_line(fields, key)), "public-key": public_pem(key.public_key())}
+
+
+@pytest.fixture
+def desk(tmp_path: Path) -> Countersigner:
+    return Countersigner(Ed25519PrivateKey.generate(), tmp_path / "receipts", "run-1")
+
+
+def test_a_matching_entry_is_countersigned_and_the_receipt_sent_once(desk: Countersigner) -> None:
+    desk.countersign(7, ledger_record(entry()), BLOB, 3, BASE)
+    receipt = desk.receipt_for(7)
+    assert receipt is not None and desk.receipt_for(7) is None
+    stored, problems = read_receipts(desk.folder / "site-a.jsonl")
+    assert not problems and json.loads(receipt) == {
+        "receipt": stored[0].body,
+        "signature": stored[0].signature,
+    }
+    assert receipt_ok(stored[0], desk.key.public_key())
+    assert desk.epsilon_max() == 1.5
+
+
+@pytest.mark.parametrize(
+    ("changes", "blob", "server_round", "base", "what"),
+    [
+        ({"round": 2}, BLOB, 3, BASE, "round"),
+        ({"run": "run-0"}, BLOB, 3, BASE, "run"),
+        ({}, BLOB + b"!", 3, BASE, "update sent"),
+        ({}, BLOB, 3, bytes(32), "model received"),
+        ({"epsilon": 9.0}, BLOB, 3, BASE, "epsilon within budget"),
+        ({"client": "../../etc"}, BLOB, 3, BASE, "client is a site name"),
+        ({"sampler": "shuffle"}, BLOB, 3, BASE, "unit and sampler"),
+    ],
+)
+def test_a_mismatching_entry_is_refused(
+    desk: Countersigner, changes: dict[str, Any], blob: bytes, server_round: int, base: bytes, what: str
+) -> None:
+    with pytest.raises(PayloadError, match=what) as raised:
+        desk.countersign(7, ledger_record(entry(**changes)), blob, server_round, base)
+    assert raised.value.reason == "bad-ledger"
+    assert desk.receipt_for(7) is None and not list(desk.folder.glob("*.jsonl"))
+
+
+def test_a_bad_signature_and_a_changed_key_are_refused(desk: Countersigner) -> None:
+    record = ledger_record(entry())
+    record["public-key"] = public_pem(Ed25519PrivateKey.generate().public_key())
+    with pytest.raises(PayloadError, match="signature"):
+        desk.countersign(7, record, BLOB, 3, BASE)
+    desk.countersign(7, ledger_record(entry()), BLOB, 3, BASE)
+    other = Ed25519PrivateKey.generate()
+    with pytest.raises(PayloadError, match="pinned key"):
+        desk.countersign(7, ledger_record(entry(key=key_id(other.public_key())), other), BLOB, 3, BASE)
+
+
+def test_receipts_survive_a_coordinator_restart(desk: Countersigner) -> None:
+    desk.countersign(7, ledger_record(entry(epsilon=2.5)), BLOB, 3, BASE)
+    again = Countersigner(desk.key, desk.folder, "run-2")
+    assert again.epsilon == {"site-a": 2.5}
+    assert again.site_keys["site-a"] == entry()["key"]
+
+
+@pytest.mark.parametrize("record", [{}, {"line": "{", "public-key": "x"}, {"line": "{}", "public-key": 3}])
+def test_malformed_ledger_records_are_refused(desk: Countersigner, record: dict[str, Any]) -> None:
+    with pytest.raises(PayloadError):
+        desk.countersign(7, record, BLOB, 3, BASE)
