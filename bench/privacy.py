@@ -9,8 +9,8 @@
    median step times give the ratio DP / plain. Modes: `hooks` (the default; bf16 autocast
    where the CPU has native bf16, per-record norms and clipping in fp32), `hooks` in fp32, and
    `ghost` (ghost clipping, fp32). Peak memory: each configuration runs alone in a child process
-   that reports its peak resident memory above what it held before its first step (on a GPU:
-   `torch.cuda.max_memory_allocated`).
+   that reports its peak resident memory during 3 steps above what it held before them (Linux
+   VmHWM, reset first; on a GPU: `torch.cuda.max_memory_allocated`).
 2. Quality. MTSamples split into 4 hospitals by specialty (as `fedglm partition` does), the
    federation of bench/federated.yaml (tiny model, 5 rounds, 10 local steps, topk uplink at
    10%), run through `fedglm simulate`'s real deployment engine three times: without DP, and
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -119,13 +118,21 @@ def peak_memory_child(name: str) -> None:
     """Child process: one configuration alone; print its peak memory above its start."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     stepper = Stepper(name, device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak (VmHWM) from now
+    before = _proc_status_bytes("VmRSS")
     stepper.run(3)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        peak = _proc_status_bytes("VmHWM") - before
     print(json.dumps({"name": name, "precision": stepper.precision, "peak_bytes": peak}))
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def step_times(rounds: int, steps: int) -> dict[str, float]:
