@@ -106,7 +106,11 @@ def print_report(report: AuditReport, ledger: Path) -> None:
         last = report.rows[-1]
         console.print(
             f"OK: {len(report.rows)} entries, chain and signatures hold"
-            + (", receipts hold" if report.receipts_checked else " (receipts not checked: no --server-key)")
+            + (
+                f", {sum(r.receipt == 'ok' for r in report.rows)} of {len(report.rows)} entries countersigned"
+                if report.receipts_checked
+                else " (receipts not checked: no --server-key)"
+            )
             + f"; epsilon {last.claimed:.4f} at delta {last.delta:g} within the budget {last.budget:g}"
         )
 

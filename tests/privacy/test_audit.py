@@ -35,7 +35,7 @@ def test_a_sound_ledger_passes_with_receipts_a_table_json_and_a_plot(site: Site,
     server = ["--server-key", str(site.state_dir / "receipt.pub"), "--receipts", str(site.receipts)]
     code, out, _ = audit(site, *server, "--plot", str(png))
     assert code == 0, out
-    assert "OK: 3 entries" in out and "receipts hold" in out
+    assert "OK: 3 entries" in out and "3 of 3 entries countersigned" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, out, _ = audit(site, *server, "--json")
     report = json.loads(out)
