@@ -7,8 +7,15 @@ of the global model up to date from the message's payload (`clients/sync.py`), t
 evaluates, and replies with only a compressed update (error feedback: what is not sent now is
 kept in `residual.pt` for later rounds) and the metrics the site declared public.
 
+With DP on (`privacy.enabled`, the default) training is DP-SGD (`privacy/dpsgd.py`) within the
+site's budget, in this order: plan the round from the verified ledger (or decline it), train,
+compress, append the signed ledger entry (fsynced), save the residual, reply with the payload
+and the entry. A receipt from the coordinator, sent with a later message, is kept beside the
+ledger (`privacy/site.py`).
+
 A message with plain fp32 tensors instead of a payload (Flower's stock FedAvg, as in the
-benchmarks) is answered in kind, with the trained weights as dense fp32 tensors.
+benchmarks) is answered in kind, with the trained weights as dense fp32 tensors, by sites
+without DP only.
 """
 
 from __future__ import annotations

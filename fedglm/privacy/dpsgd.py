@@ -107,29 +107,21 @@ def train_private(
     expected_batch = max(1.0, q * len(records))
     params = [p for p in model.parameters() if p.requires_grad]
     module: GradSampleModule | GradSampleModuleFastGradientClipping
-    dp_optimizer: DPOptimizer
     if mode == "hooks":
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        dp_optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=sigma,
-            max_grad_norm=clip_norm,
-            expected_batch_size=expected_batch,
-            loss_reduction="mean",
-            generator=noise,
-        )
     else:
         module = GradSampleModuleFastGradientClipping(
             model, batch_first=True, loss_reduction="mean", max_grad_norm=clip_norm, use_ghost_clipping=True
         )
-        dp_optimizer = DPOptimizerFastGradientClipping(
-            optimizer,
-            noise_multiplier=sigma,
-            max_grad_norm=clip_norm,
-            expected_batch_size=expected_batch,
-            loss_reduction="mean",
-            generator=noise,
-        )
+    optimizer_class = DPOptimizer if mode == "hooks" else DPOptimizerFastGradientClipping
+    dp_optimizer = optimizer_class(
+        optimizer,
+        noise_multiplier=sigma,
+        max_grad_norm=clip_norm,
+        expected_batch_size=expected_batch,
+        loss_reduction="mean",
+        generator=noise,
+    )
     sampler = UniformWithReplacementSampler(
         num_samples=len(records), sample_rate=q, generator=sampling, steps=steps
     )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from fedglm.data import encode
 from fedglm.model import GLM, GLMArgs, build_model
 from fedglm.privacy.dpsgd import check_precision, dp_precision, per_record_loss, train_private
-from fedglm.training import ResolvedPrecision, cpu_has_native_bf16
+from fedglm.training import ResolvedPrecision, TrainStats, cpu_has_native_bf16
 
 ARGS = GLMArgs(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32)
 CPU = torch.device("cpu")
@@ -17,6 +19,23 @@ CPU = torch.device("cpu")
 def records(n: int) -> list[list[int]]:
     # shorter than the window: every record's window is the whole record, deterministic
     return [encode(f"note {i}: " + "abc " * (i % 4 + 1)) for i in range(n)]
+
+
+def dp_steps(model: GLM, data: list[list[int]], **settings: Any) -> TrainStats:
+    """`train_private` with SGD and these tests' defaults, overridden by `settings`."""
+    lr = settings.pop("lr", 1.0)
+    kwargs: dict[str, Any] = {
+        "q": 1.0,
+        "sigma": 1.0,
+        "clip_norm": 1.0,
+        "steps": 1,
+        "seq_len": 32,
+        "precision": "fp32",
+        "mode": "hooks",
+        "device": CPU,
+    }
+    kwargs.update(settings)
+    return train_private(model, data, optimizer=torch.optim.SGD(model.parameters(), lr=lr), **kwargs)
 
 
 def flat_change(model: GLM, before: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -33,20 +52,7 @@ def one_step(
 ) -> torch.Tensor:
     """The parameter change of one noise-free SGD step (lr 1) in which every record is drawn."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_private(
-        model,
-        data,
-        optimizer=optimizer,
-        q=1.0,
-        sigma=0.0,
-        clip_norm=clip,
-        steps=1,
-        seq_len=32,
-        precision=precision,
-        mode=mode,
-        device=CPU,  # type: ignore[arg-type]
-    )
+    dp_steps(model, data, sigma=0.0, clip_norm=clip, precision=precision, mode=mode)
     return flat_change(model, before)
 
 
@@ -88,19 +94,7 @@ def test_a_clipped_record_never_exceeds_the_clipping_norm(precision: ResolvedPre
 def test_a_step_that_draws_no_record_releases_noise_only() -> None:
     model = build_model(ARGS, 0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats = train_private(
-        model,
-        records(4),
-        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-        q=1e-12,
-        sigma=1.0,
-        clip_norm=1.0,
-        steps=2,
-        seq_len=32,
-        precision="fp32",
-        mode="hooks",
-        device=CPU,
-    )
+    stats = dp_steps(model, records(4), q=1e-12, steps=2)
     change = flat_change(model, before)
     assert stats.tokens == 0
     # two steps of N(0, (sigma C)^2) per coordinate, averaged over an expected batch of 1
@@ -115,20 +109,7 @@ def test_fp16_with_a_gradient_scaler_is_refused_and_ghost_runs_in_fp32() -> None
     assert dp_precision("auto", "bf16", "ghost") == "fp32"
     assert dp_precision("auto", "bf16", "hooks") == "bf16"
     with pytest.raises(ValueError, match="refused"):
-        model = build_model(ARGS, 0)
-        train_private(
-            model,
-            records(2),
-            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-            q=0.5,
-            sigma=1.0,
-            clip_norm=1.0,
-            steps=1,
-            seq_len=32,
-            precision="fp16",
-            mode="hooks",
-            device=CPU,
-        )
+        dp_steps(build_model(ARGS, 0), records(2), q=0.5, precision="fp16")
 
 
 def test_sampling_and_noise_are_not_replayable() -> None:
@@ -137,19 +118,7 @@ def test_sampling_and_noise_are_not_replayable() -> None:
     for _ in range(2):
         model = build_model(ARGS, 0)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        train_private(
-            model,
-            records(8),
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            q=0.5,
-            sigma=1.0,
-            clip_norm=1.0,
-            steps=1,
-            seq_len=32,
-            precision="fp32",
-            mode="hooks",
-            device=CPU,
-        )
+        dp_steps(model, records(8), q=0.5, lr=0.1)
         changes.append(flat_change(model, before))
     assert not torch.equal(changes[0], changes[1])
 
