@@ -35,9 +35,12 @@ def make_keys(out_dir: Path, name: str, *, overwrite: bool = False) -> tuple[Pat
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode("ascii")
-    atomic_write_text(private_path, private_pem)
-    os.chmod(private_path, 0o600)
-    atomic_write_text(public_path, public_pem(key.public_key()))
+    try:
+        atomic_write_text(private_path, private_pem)
+        os.chmod(private_path, 0o600)
+        atomic_write_text(public_path, public_pem(key.public_key()))
+    except OSError as exc:
+        raise InputError(f"cannot write the key pair into {out_dir}: {exc.strerror}") from None
     return private_path, public_path
 
 
