@@ -128,37 +128,47 @@ def train_private(
     module.train()
     total_loss, total_tokens, batches = 0.0, 0, 0
     start = time.perf_counter()
-    # Opacus' hooks fire on the embedding output (token ids need no gradient): expected.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    try:
-        for picks in sampler:
-            dp_optimizer.zero_grad(set_to_none=True)
-            if len(picks) == 0:
-                _empty_batch(params, mode)
-            else:
-                inputs, targets = window_batch(records, picks, seq_len=seq_len, generator=sampling)
-                inputs, targets = inputs.to(device), targets.to(device)
-                with autocast(precision, device):
-                    logits = module(inputs)
-                losses = per_record_loss(logits, targets)
-                if mode == "hooks":
-                    losses.mean().backward()  # type: ignore[no-untyped-call]
-                    for p in params:  # norms and clipping in fp32 (see the module docstring)
-                        grad_sample = getattr(p, "grad_sample", None)
-                        if grad_sample is not None:
-                            p.grad_sample = grad_sample.float()  # type: ignore[attr-defined]
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on the embedding output (token ids need no gradient): expected.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        try:
+            for picks in sampler:
+                dp_optimizer.zero_grad(set_to_none=True)
+                if len(picks) == 0:
+                    _empty_batch(params, mode)
                 else:
-                    assert isinstance(module, GradSampleModuleFastGradientClipping)
-                    assert isinstance(dp_optimizer, DPOptimizerFastGradientClipping)
-                    DPTensorFastGradientClipping(module, dp_optimizer, losses, "mean").backward()
-                total_loss += float(losses.detach().mean())
-                total_tokens += int((targets != IGNORE_INDEX).sum())
-                batches += 1
-            dp_optimizer.step()
-    finally:
-        module._close()
+                    inputs, targets = window_batch(records, picks, seq_len=seq_len, generator=sampling)
+                    inputs, targets = inputs.to(device), targets.to(device)
+                    with autocast(precision, device):
+                        logits = module(inputs)
+                    losses = per_record_loss(logits, targets)
+                    _clipped_backward(losses, module, dp_optimizer, params)
+                    total_loss += float(losses.detach().mean())
+                    total_tokens += int((targets != IGNORE_INDEX).sum())
+                    batches += 1
+                dp_optimizer.step()
+        finally:
+            module._close()
     seconds = time.perf_counter() - start
     return TrainStats(loss=total_loss / max(batches, 1), steps=steps, tokens=total_tokens, seconds=seconds)
+
+
+def _clipped_backward(
+    losses: torch.Tensor,
+    module: GradSampleModule | GradSampleModuleFastGradientClipping,
+    optimizer: DPOptimizer,
+    params: list[nn.Parameter],
+) -> None:
+    """Per-record gradients of `losses` (batch,), ready for the DP optimizer to clip and noise."""
+    if isinstance(module, GradSampleModuleFastGradientClipping):
+        assert isinstance(optimizer, DPOptimizerFastGradientClipping)
+        DPTensorFastGradientClipping(module, optimizer, losses, "mean").backward()
+        return
+    losses.mean().backward()  # type: ignore[no-untyped-call]
+    for p in params:  # norms and clipping in fp32 (see the module docstring)
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is not None:
+            p.grad_sample = grad_sample.float()  # type: ignore[attr-defined]
 
 
 def _empty_batch(params: list[nn.Parameter], mode: DPMode) -> None:
