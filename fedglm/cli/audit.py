@@ -19,7 +19,7 @@ from fedglm.cli.common import reports_errors
 from fedglm.errors import CheckFailed, InputError
 from fedglm.privacy.audit import AuditReport, audit_ledger, default_receipts
 from fedglm.privacy.keys import load_public_key
-from fedglm.privacy.ledger import read_ledger_text
+from fedglm.privacy.ledger import read_text_file
 from fedglm.privacy.receipts import read_receipts
 
 console = Console(highlight=False, width=shutil.get_terminal_size((150, 24)).columns)
@@ -49,7 +49,7 @@ def audit(
     if budget is not None and not budget > 0:
         raise InputError(f"--budget {budget:g}: must be a positive epsilon")
     site_key = load_public_key(public_key)
-    text = read_ledger_text(ledger)
+    text = read_text_file(ledger)
     coordinator_key = load_public_key(server_key) if server_key is not None else None
     found = None
     if coordinator_key is not None:

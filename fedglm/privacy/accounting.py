@@ -93,14 +93,12 @@ def calibrate_sigma(
     q: float,
     steps: int,
     accountant: AccountantName,
-    spent: Iterable[Release] = (),
 ) -> float:
-    """The smallest sigma (to 0.1%) for which `spent` plus `steps` more steps at (sigma, q)
-    stays within `target_epsilon`. Raises ValueError if even sigma = 1e4 does not."""
-    spent = list(spent)
+    """The smallest sigma (to 0.1%) for which `steps` steps at (sigma, q) stay within
+    `target_epsilon`. Raises ValueError if even sigma = 1e4 does not."""
 
     def eps(sigma: float) -> float:
-        return epsilon([*spent, Release(sigma, q, steps)], delta, accountant, coarse=True)
+        return epsilon([Release(sigma, q, steps)], delta, accountant, coarse=True)
 
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:

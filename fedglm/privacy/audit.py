@@ -34,7 +34,7 @@ from fedglm.privacy.accounting import Release, merged, relative_difference
 from fedglm.privacy.keys import key_id
 from fedglm.privacy.ledger import LedgerLine, Problem, parse_ledger, verify_chain
 from fedglm.privacy.receipts import Receipt, receipt_ok
-from fedglm.privacy.site import history
+from fedglm.privacy.site import RECEIPTS_FILE, history
 
 CLAIM_TOLERANCE = 0.01  # a claim may differ from its recomputation by 1%
 BUDGET_SLACK = 1e-3  # numerical slack of a recomputation against the budget
@@ -216,4 +216,4 @@ def _check_receipts(
 
 
 def default_receipts(ledger: Path) -> Path:
-    return ledger.parent / "receipts.jsonl"
+    return ledger.parent / RECEIPTS_FILE

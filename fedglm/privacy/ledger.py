@@ -139,14 +139,14 @@ def parse_ledger(text: str) -> tuple[list[LedgerLine], list[Problem]]:
     return lines, problems
 
 
-def read_ledger_text(path: Path) -> str:
-    """The ledger file's text, or an `InputError` if it cannot be read at all."""
+def read_text_file(path: Path, what: str = "ledger") -> str:
+    """The text of a ledger (or receipts) file, or an `InputError` if it cannot be read at all."""
     if not path.is_file():
-        raise InputError(f"ledger {path} does not exist (or is not a file)")
+        raise InputError(f"{what} {path} does not exist (or is not a file)")
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"ledger {path}: not UTF-8 text (byte {exc.start}); is this a ledger?") from None
+        raise InputError(f"{what} {path}: not UTF-8 text (byte {exc.start}); is this a {what}?") from None
 
 
 def verify_chain(lines: list[LedgerLine], key: Ed25519PublicKey) -> list[Problem]:
@@ -206,7 +206,7 @@ def load_own_ledger(path: Path, key: Ed25519PublicKey) -> list[LedgerLine]:
     """A site's own ledger, checked in full before it is extended; damage stops the site."""
     if not path.exists():
         return []
-    lines, problems = parse_ledger(read_ledger_text(path))
+    lines, problems = parse_ledger(read_text_file(path))
     problems += verify_chain(lines, key)
     if problems:
         raise InputError(

@@ -21,9 +21,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedglm.errors import InputError
 from fedglm.privacy.keys import key_id, verify
-from fedglm.privacy.ledger import LedgerLine, Problem, canonical
+from fedglm.privacy.ledger import LedgerLine, Problem, canonical, read_text_file
 
 FORMAT = "fedglm-receipt/1"
 RECEIPT_FIELDS: dict[str, tuple[type, ...]] = {
@@ -81,12 +80,7 @@ def parse_receipt(obj: Any) -> tuple[dict[str, Any], str] | str:
 
 def read_receipts(path: Path) -> tuple[list[Receipt], list[Problem]]:
     """The receipts in a JSONL file, and a problem for each line that is not one."""
-    if not path.is_file():
-        raise InputError(f"receipts file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"receipts file {path}: not UTF-8 text") from None
+    text = read_text_file(path, "receipts file")
     receipts: list[Receipt] = []
     problems: list[Problem] = []
     for number, raw in enumerate(text.splitlines(), start=1):
