@@ -66,7 +66,8 @@ CONFIGS: dict[str, CompressionConfig | None] = {
 }
 
 
-def make_sites(data: Path, out: Path) -> list[SiteSpec]:
+def make_sites(data: Path, out: Path, privacy: PrivacyConfig | None = None) -> list[SiteSpec]:
+    """MTSamples split into 4 hospitals by specialty; without DP unless `privacy` says so."""
     parts = partition_csv(
         data, text_column="transcription", label_column="medical_specialty", sites=4, out_dir=out / "data"
     )
@@ -74,9 +75,9 @@ def make_sites(data: Path, out: Path) -> list[SiteSpec]:
         SiteSpec(
             name=f"hospital-{i}",
             data=DataConfig(path=part.path, format="jsonl", field="text"),
-            # MTSamples is public: losses and counts may be shared. No DP here (bench/privacy.py).
+            # MTSamples is public: losses and counts may be shared.
             share=ShareConfig(loss=True, record_count=True),
-            privacy=PrivacyConfig(enabled=False),
+            privacy=privacy or PrivacyConfig(enabled=False),
             state_dir=out / "sites" / f"hospital-{i}" / "state",
         )
         for i, part in enumerate(parts, start=1)

@@ -34,19 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedglm.config import (  # noqa: E402
-    DataConfig,
-    FederationConfig,
-    ModelConfig,
-    PrivacyConfig,
-    ShareConfig,
-    SimulateConfig,
-    SiteSpec,
-    load_config,
-)
+from federated import make_sites  # noqa: E402  (bench/federated.py, beside this script)
+
+from fedglm.config import FederationConfig, ModelConfig, PrivacyConfig, SimulateConfig, load_config  # noqa: E402
 from fedglm.data import encode, window_batch  # noqa: E402
 from fedglm.model import build_model  # noqa: E402
-from fedglm.partition import partition_csv  # noqa: E402
 from fedglm.privacy.dpsgd import train_private  # noqa: E402
 from fedglm.simulate import run_simulation  # noqa: E402
 from fedglm.training import autocast, lm_loss, make_optimizer, resolve_precision  # noqa: E402
@@ -166,21 +158,6 @@ def peak_memory() -> None:
         print(f"  {name:14s} ({row['precision']}) {row['peak_bytes'] / 2**20:8.0f} MiB")
 
 
-def mtsamples_sites(data: Path, out: Path, privacy: PrivacyConfig) -> list[SiteSpec]:
-    parts = partition_csv(
-        data, text_column="transcription", label_column="medical_specialty", sites=4, out_dir=out / "data"
-    )
-    return [
-        SiteSpec(
-            name=f"hospital-{i}",
-            data=DataConfig(path=part.path, format="jsonl", field="text"),
-            share=ShareConfig(loss=True, record_count=True),  # MTSamples is public
-            privacy=privacy,
-        )
-        for i, part in enumerate(parts, start=1)
-    ]
-
-
 def federated(data: Path, out: Path) -> None:
     base = load_config(ROOT / "bench" / "federated.yaml", FederationConfig)
     variants: dict[str, PrivacyConfig] = {
@@ -193,7 +170,7 @@ def federated(data: Path, out: Path) -> None:
         run_dir = out / name.replace(" ", "-")
         config = SimulateConfig(
             federation=base.model_copy(update={"require_dp": privacy.enabled}),
-            sites=mtsamples_sites(data, run_dir, privacy),
+            sites=make_sites(data, run_dir, privacy),
         )
         started = time.perf_counter()
         rows, ledgers = run_simulation(config, run_dir, on_row=lambda row: None, on_status=lambda s: None)

@@ -160,9 +160,9 @@ def run_simulation(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run the simulation; returns the metrics rows and each DP site's `privacy_rows`.
 
-    Every simulation starts fresh: the site state it keeps in the run folder (models,
-    residuals, ledgers, keys) and the coordinator's receipts from an earlier simulation there
-    are removed first. Sites with their own `state_dir` keep theirs, ledger included.
+    Every simulation starts fresh: `<out>/sites/` (site specs, models, residuals, ledgers,
+    keys) and the coordinator's receipts from an earlier simulation there are removed first.
+    A site whose own `state_dir` lies outside `<out>/sites/` keeps it, ledger included.
     """
     out_dir = out_dir.absolute()
     for owned in (out_dir / "sites", out_dir / "receipts"):

@@ -66,11 +66,11 @@ class Countersigner:
             site_key = public_key_from_pem(pem)
         except ValueError as exc:
             raise PayloadError(f"site public key: {exc}", BAD_LEDGER) from None
-        client = entry["client"]
+        client, site_key_id = entry["client"], key_id(site_key)
         expected = {
             "client is a site name": is_site_name(client),
             "signature": check_signed(line, site_key) is None,
-            "the site's pinned key": self.site_keys.get(client, key_id(site_key)) == key_id(site_key),
+            "the site's pinned key": self.site_keys.get(client, site_key_id) == site_key_id,
             "run": entry["run"] == self.run_key,
             "round": entry["round"] == server_round,
             "model received": entry["model_received"] == base.hex(),
@@ -83,7 +83,7 @@ class Countersigner:
             raise PayloadError(f"ledger entry of {client!r} does not match: {', '.join(failed)}", BAD_LEDGER)
         receipt = json.dumps(make_receipt(line, self.key), sort_keys=True)
         append_line(self.folder / f"{client}.jsonl", receipt)
-        self.site_keys[client] = key_id(site_key)
+        self.site_keys[client] = site_key_id
         self.epsilon[client] = float(entry["epsilon"])
         self._pending[node] = receipt
 
