@@ -10,6 +10,7 @@ Functions below the CLI take flat arguments, not these objects (see docs/design.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -166,6 +167,37 @@ class CompressionConfig(_Section):
     downlink: LinkConfig = LinkConfig(density=0.3)
 
 
+class PruneStep(_Section):
+    """At round `round`, keep in every layer the most important `1 - heads` of the heads and
+    `1 - channels` of the SwiGLU channels (fractions of the unpruned counts)."""
+
+    round: int = Field(ge=2)
+    heads: float = Field(default=0.0, ge=0.0, lt=1.0)
+    channels: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class PruningConfig(_Section):
+    """Coordinated structured pruning (`fedglm/pruning.py`): the server sets one mask for all
+    sites at the rounds of `schedule`; later rounds fine-tune the smaller model."""
+
+    schedule: list[PruneStep] = []
+
+    @model_validator(mode="after")
+    def _increasing(self) -> PruningConfig:
+        for before, after in itertools.pairwise(self.schedule):
+            if after.round <= before.round:
+                raise ValueError(f"schedule rounds must increase, got {before.round} then {after.round}")
+            if after.heads < before.heads or after.channels < before.channels:
+                raise ValueError(
+                    f"the fractions at round {after.round} are below those of round {before.round}; "
+                    "pruning only removes (fractions are of the unpruned model)"
+                )
+        return self
+
+    def step_at(self, server_round: int) -> PruneStep | None:
+        return next((s for s in self.schedule if s.round == server_round), None)
+
+
 class FederationConfig(_Section):
     """What the coordinator runs: rounds, sampling, aggregation, model and local training."""
 
@@ -180,6 +212,7 @@ class FederationConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     compression: CompressionConfig = CompressionConfig()
+    pruning: PruningConfig = PruningConfig()
 
     @model_validator(mode="after")
     def _window_fits(self) -> FederationConfig:
@@ -187,6 +220,9 @@ class FederationConfig(_Section):
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        late = [s.round for s in self.pruning.schedule if s.round > self.rounds]
+        if late:
+            raise ValueError(f"pruning.schedule has round {late[0]}, after the last round ({self.rounds})")
         return self
 
 

@@ -7,6 +7,10 @@ head, over a byte-level vocabulary (256 bytes plus BOS and EOS: no tokenizer to 
 Built so Opacus computes exact per-sample gradients (see docs/design.md): no
 `nn.MultiheadAttention`, no tied weights, and no buffers at all: the rotary tables are computed
 in `forward` from the positions. Initialisation is deterministic from `init_seed`.
+
+Structured pruning (`fedglm/pruning.py`) makes layers narrower than the config: `layer_heads`
+and `layer_ff` give each layer's own number of attention heads and SwiGLU channels (None: every
+layer has `n_heads` and `d_ff`). The head size stays `d_model / n_heads` either way.
 """
 
 from __future__ import annotations
@@ -34,10 +38,23 @@ class GLMArgs:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     vocab_size: int = VOCAB_SIZE
+    layer_heads: tuple[int, ...] | None = None
+    layer_ff: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name, widths in (("layer_heads", self.layer_heads), ("layer_ff", self.layer_ff)):
+            if widths is not None and (len(widths) != self.n_layers or min(widths) < 1):
+                raise ValueError(f"{name} {widths} must give {self.n_layers} positive widths")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def heads(self, layer: int) -> int:
+        return self.n_heads if self.layer_heads is None else self.layer_heads[layer]
+
+    def ff(self, layer: int) -> int:
+        return self.d_ff if self.layer_ff is None else self.layer_ff[layer]
 
 
 def rotary_tables(
@@ -58,17 +75,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, args: GLMArgs) -> None:
+    def __init__(self, args: GLMArgs, n_heads: int) -> None:
         super().__init__()
-        self.n_heads = args.n_heads
+        self.n_heads = n_heads
         self.head_dim = args.head_dim
-        self.q_proj = nn.Linear(args.d_model, args.d_model, bias=False)
-        self.k_proj = nn.Linear(args.d_model, args.d_model, bias=False)
-        self.v_proj = nn.Linear(args.d_model, args.d_model, bias=False)
-        self.o_proj = nn.Linear(args.d_model, args.d_model, bias=False)
+        inner = n_heads * args.head_dim
+        self.q_proj = nn.Linear(args.d_model, inner, bias=False)
+        self.k_proj = nn.Linear(args.d_model, inner, bias=False)
+        self.v_proj = nn.Linear(args.d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, args.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, dim = x.shape
+        batch, seq, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
@@ -77,16 +95,16 @@ class Attention(nn.Module):
         k = apply_rotary(heads(self.k_proj(x)), cos, sin)
         v = heads(self.v_proj(x))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out: torch.Tensor = self.o_proj(y.transpose(1, 2).reshape(batch, seq, dim))
+        out: torch.Tensor = self.o_proj(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
         return out
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, args: GLMArgs) -> None:
+    def __init__(self, args: GLMArgs, d_ff: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.d_model, args.d_ff, bias=False)
-        self.up_proj = nn.Linear(args.d_model, args.d_ff, bias=False)
-        self.down_proj = nn.Linear(args.d_ff, args.d_model, bias=False)
+        self.gate_proj = nn.Linear(args.d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(args.d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, args.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -94,12 +112,12 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: GLMArgs) -> None:
+    def __init__(self, args: GLMArgs, layer: int) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(args.d_model, eps=args.norm_eps)
-        self.attn = Attention(args)
+        self.attn = Attention(args, args.heads(layer))
         self.mlp_norm = nn.RMSNorm(args.d_model, eps=args.norm_eps)
-        self.mlp = SwiGLU(args)
+        self.mlp = SwiGLU(args, args.ff(layer))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -114,7 +132,7 @@ class GLM(nn.Module):
         super().__init__()
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.d_model)
-        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.blocks = nn.ModuleList(Block(args, layer) for layer in range(args.n_layers))
         self.norm = nn.RMSNorm(args.d_model, eps=args.norm_eps)
         self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
 

@@ -34,7 +34,7 @@ from flwr.common import log
 
 from fedglm import compression
 from fedglm.clients.state import HeldModel, load_held, load_residual, save_held, save_residual
-from fedglm.clients.sync import receive_model
+from fedglm.clients.sync import parse_mask, prune_held, receive_model
 from fedglm.compression import CODECS, NO_HASH, Header, Kind
 from fedglm.config import LinkConfig, ModelConfig, SiteSpec, TrainConfig, validate_config
 from fedglm.data import SiteData, encode, load_records, sample_batches, split_records
@@ -67,6 +67,7 @@ from fedglm.privacy.site import (
     round_steps,
     sample_rate,
 )
+from fedglm.pruning import MASK_KEY
 from fedglm.training import evaluate, make_optimizer, resolve_precision, steps_for, train_local
 
 SITE_KEY = "fedglm-site"
@@ -158,7 +159,12 @@ class Task:
 def _task(message: Message, context: Context) -> Task:
     site = read_site(context)
     config, model_cfg, train_cfg, seed = _round_settings(message)
-    model = GLM(model_cfg.glm_args())
+    mask_text = config.get(MASK_KEY, "")
+    if not isinstance(mask_text, str):
+        raise PayloadError(
+            f"config '{MASK_KEY}' is {type(mask_text).__name__}, expected a string", "bad-mask"
+        )
+    model = GLM(parse_mask(mask_text, model_cfg).shape(model_cfg.glm_args()))
     blob = read_payload(message.content)
     held = None
     if blob is None:
@@ -166,9 +172,17 @@ def _task(message: Message, context: Context) -> Task:
     else:
         state_dir = _state_dir(site)
         run = _config_str(config, "run-key")
-        previous = load_held(state_dir, run)
-        held = receive_model(blob, held=previous, run=run, model_cfg=model_cfg, shapes=expected_shapes(model))
-        if held is not previous:
+        loaded = load_held(state_dir, run)
+        previous = prune_held(loaded, mask_text, model_cfg) if loaded is not None else None
+        held = receive_model(
+            blob,
+            held=previous,
+            run=run,
+            model_cfg=model_cfg,
+            shapes=expected_shapes(model),
+            mask_text=mask_text,
+        )
+        if held is not loaded:
             save_held(state_dir, held)
         model.load_state_dict(held.state)
     receipt = message.content.config_records.get(RECEIPT_KEY)

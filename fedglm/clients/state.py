@@ -2,8 +2,9 @@
 
 Flower starts a fresh ClientApp process for every message, so whatever a site must remember
 lives in files, each replaced atomically:
-- `global-model.pt`: the global model this site holds (weights, hash, run key). Each message
-  brings only the change since that model, or nothing when the site already holds it.
+- `global-model.pt`: the global model this site holds (weights, hash, run key, and the pruning
+  mask it is sliced to). Each message brings only the change since that model, or nothing when
+  the site already holds it.
 - `residual.pt`: what error feedback has not sent yet. It is built from the update as it
   leaves training (with DP on: the privatised update), so it carries nothing else from the
   site's records.
@@ -30,6 +31,7 @@ class HeldModel:
     run: str
     hash: bytes
     state: dict[str, torch.Tensor]
+    mask: str = ""  # the pruning mask's JSON as the coordinator sent it; "" while unpruned
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -50,17 +52,21 @@ def load_held(state_dir: Path, run: str) -> HeldModel | None:
     payload = _load(state_dir / MODEL_FILE)
     if payload is None or payload.get("run") != run:
         return None
-    return HeldModel(run, bytes(payload["hash"]), dict(payload["state"]))
+    return HeldModel(run, bytes(payload["hash"]), dict(payload["state"]), str(payload.get("mask", "")))
 
 
 def save_held(state_dir: Path, held: HeldModel) -> None:
-    _save(state_dir / MODEL_FILE, {"run": held.run, "hash": list(held.hash), "state": held.state})
+    _save(
+        state_dir / MODEL_FILE,
+        {"run": held.run, "hash": list(held.hash), "state": held.state, "mask": held.mask},
+    )
 
 
 def load_residual(
     state_dir: Path, run: str, shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, np.ndarray] | None:
-    """The residual of this run, flat fp32 per tensor; None if there is none (or it does not fit)."""
+    """The residual of this run, flat fp32 per tensor; None if there is none, or if it does not
+    fit `shapes` (after pruning changed the model: the unsent remainder is dropped once)."""
     payload = _load(state_dir / RESIDUAL_FILE)
     if payload is None or payload.get("run") != run:
         return None

@@ -6,6 +6,9 @@ The payload names the model it produces (`target`, a SHA-256 of the weights). In
 3. a FULL model: take it, and it must hash to `target`;
 4. INIT (round 1): build the model from the run's seed; it must hash to `target`.
 Anything else raises `StaleModel`; the coordinator then sends that site the full model.
+
+Under a pruning mask, the site first slices the model it holds to the mask (`prune_held`), as
+the coordinator sliced the global model, and the payload's tensors have the sliced shapes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fedglm.compression.update import apply
 from fedglm.config import ModelConfig
 from fedglm.model import build_model
 from fedglm.payload import STALE_MODEL
+from fedglm.pruning import Mask, slice_state
 
 
 class StaleModel(RuntimeError):
@@ -30,6 +34,29 @@ class StaleModel(RuntimeError):
         super().__init__(f"{STALE_MODEL}: {detail}")
 
 
+def parse_mask(text: str, model_cfg: ModelConfig) -> Mask:
+    """The round's pruning mask ("": unpruned); a bad one is a `PayloadError`."""
+    args = model_cfg.glm_args()
+    if not text:
+        return Mask.full(args)
+    try:
+        return Mask.from_json(text, args)
+    except ValueError as exc:
+        raise PayloadError(str(exc), "bad-mask") from None
+
+
+def prune_held(held: HeldModel, mask_text: str, model_cfg: ModelConfig) -> HeldModel | None:
+    """`held` sliced to the round's mask; None if the mask would bring pruned parts back."""
+    if held.mask == mask_text:
+        return held
+    args = model_cfg.glm_args()
+    before, after = parse_mask(held.mask, model_cfg), parse_mask(mask_text, model_cfg)
+    if not after.within(before):
+        return None
+    state = slice_state(held.state, args, before, after)
+    return HeldModel(held.run, model_hash(state), state, mask_text)
+
+
 def receive_model(
     blob: bytes,
     *,
@@ -37,8 +64,10 @@ def receive_model(
     run: str,
     model_cfg: ModelConfig,
     shapes: Mapping[str, tuple[int, ...]],
+    mask_text: str = "",
 ) -> HeldModel:
-    """The round's global model; `shapes` are the tensor shapes of a model of `model_cfg`."""
+    """The round's global model; `shapes` are the tensor shapes of a model of `model_cfg`
+    sliced to the mask `mask_text` ("": unpruned), which `held` must already be sliced to."""
     header, tensors = decode(blob, shapes)
     target = header.target
     if held is not None and held.hash == target:
@@ -57,7 +86,9 @@ def receive_model(
             for name, shape in shapes.items()
         }
     elif header.kind == Kind.INIT:
-        state = dict(build_model(model_cfg.glm_args(), model_cfg.init_seed).state_dict())
+        args = model_cfg.glm_args()
+        seed_state = dict(build_model(args, model_cfg.init_seed).state_dict())
+        state = slice_state(seed_state, args, Mask.full(args), parse_mask(mask_text, model_cfg))
     else:
         raise PayloadError(f"a {header.kind.name} payload cannot carry a global model", "bad-kind")
     new_hash = model_hash(state)
@@ -66,4 +97,4 @@ def receive_model(
             f"the model built from a {header.kind.name} payload hashes to "
             f"{new_hash.hex()[:12]}, not {target.hex()[:12]}"
         )
-    return HeldModel(run, new_hash, state)
+    return HeldModel(run, new_hash, state, mask_text)

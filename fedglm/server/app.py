@@ -22,9 +22,10 @@ from fedglm import metrics
 from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec
 from fedglm.errors import InputError
-from fedglm.model import build_model
+from fedglm.model import build_model, count_parameters
 from fedglm.payload import round_config
 from fedglm.privacy.keys import load_private_key
+from fedglm.pruning import Mask
 from fedglm.server.broadcast import Broadcast
 from fedglm.server.checkpoint import Checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
 from fedglm.server.countersign import Countersigner
@@ -53,9 +54,11 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, spec: RunSpec) -> None:
     fed = spec.federation
     out_dir = spec.out_dir
-    model = build_model(fed.model.glm_args(), fed.model.init_seed)
+    args = fed.model.glm_args()
+    model = build_model(args, fed.model.init_seed)
     fingerprint = model_fingerprint(fed.model.model_dump())
     first_round = 1
+    mask = Mask.full(args)
     checkpoint = load_checkpoint(out_dir) if spec.resume else None
     if checkpoint is not None:
         if checkpoint.fingerprint != fingerprint:
@@ -63,6 +66,8 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         broadcast = Broadcast(checkpoint.state, residual=checkpoint.residual)
         run_key = checkpoint.run_key
         first_round = checkpoint.round + 1
+        if checkpoint.mask:
+            mask = Mask.from_json(checkpoint.mask, args)
         metrics.truncate_after(out_dir, checkpoint.round)
         log(INFO, "Resuming from the checkpoint of round %d", checkpoint.round)
     else:
@@ -85,6 +90,9 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         weighting=fed.weighting,
         countersigner=countersigner,
         require_dp=fed.require_dp,
+        model_args=args,
+        pruning=fed.pruning,
+        mask=mask,
     )
     strategy.summary()
 
@@ -95,6 +103,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
             residual=broadcast.residual,
             run_key=run_key,
             fingerprint=fingerprint,
+            mask=strategy.mask_json,
         )
         save_checkpoint(out_dir, checkpoint)
         row["epsilon_max"] = countersigner.epsilon_max()
@@ -109,7 +118,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         first_round=first_round,
         last_round=fed.rounds,
         train_config=ConfigRecord({**train_config, "rounds": fed.rounds}),
-        dense_model_bytes=4 * sum(t.numel() for t in broadcast.state.values()),
+        dense_model_bytes=4 * count_parameters(model),  # the unpruned model, dense
         timeout=fed.round_timeout_s,
         on_round=persist,
     )

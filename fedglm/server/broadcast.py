@@ -10,11 +10,15 @@ What a node is sent depends on what it is known to hold (learnt from its last go
 - the previous B: the round's DELTA, one payload shared by all such nodes;
 - anything else, or unknown: INIT while B is still the seed-built initial model, else FULL.
 A node that answers `stale-model` is forgotten and sent FULL.
+
+Pruning (`reshape`) slices B and e the way every site slices its own copy when it reads the new
+mask, so a node that held B holds the sliced B once it has applied the mask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -22,6 +26,8 @@ import torch
 from fedglm.compression import CODECS, NO_HASH, Codec, Header, Kind, model_hash
 from fedglm.compression.update import Selection, Table, apply, encode_tensors
 from fedglm.compression.wire import pack
+
+State: TypeAlias = dict[str, torch.Tensor]
 
 
 class Broadcast:
@@ -85,6 +91,17 @@ class Broadcast:
 
     def forget(self, node: int) -> None:
         self.holders.pop(node, None)
+
+    def reshape(self, transform: Callable[[State], State]) -> None:
+        """Apply `transform` (pruning's slicing) to B and e; nodes that held B hold the result."""
+        old = self.hash
+        self.state = transform(self.state)
+        self.residual = transform(self.residual)
+        self.shapes = {name: tuple(t.shape) for name, t in self.state.items()}
+        self.hash = model_hash(self.state)
+        self.holders = {node: self.hash for node, held in self.holders.items() if held == old}
+        self.previous = self.delta = None
+        self._cache.clear()
 
     def advance(
         self,

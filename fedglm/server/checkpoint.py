@@ -5,7 +5,8 @@ always finds either the previous or the new checkpoint, never a torn one. It rec
 the global model's weights (as the clients hold them), the downlink residual (what the server
 has not sent yet), the run key (clients keep their own state for this key only), and a
 fingerprint of the model's shape: resuming with a different model is refused rather than
-silently mixed.
+silently mixed. It also records the pruning mask the model is sliced to (`fedglm/pruning.py`),
+as JSON ("" while unpruned).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from fedglm.atomic import atomic_write
 from fedglm.errors import InputError
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_FORMATS = (2, 3)  # format 2: before pruning, always unpruned
 
 
 def model_fingerprint(model_config: dict[str, Any]) -> str:
@@ -36,6 +38,7 @@ class Checkpoint:
     residual: dict[str, torch.Tensor]
     run_key: str
     fingerprint: str
+    mask: str = ""
 
 
 def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -47,6 +50,7 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
         "state": checkpoint.state,
         "residual": checkpoint.residual,
         "run_key": checkpoint.run_key,
+        "mask": checkpoint.mask,
     }
     atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
@@ -59,7 +63,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload["format"] != FORMAT_VERSION:
+        if payload["format"] not in READABLE_FORMATS:
             raise InputError(f"{path}: checkpoint format {payload['format']} is not supported")
         return Checkpoint(
             round=int(payload["round"]),
@@ -67,6 +71,7 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
             residual=payload["residual"],
             run_key=str(payload["run_key"]),
             fingerprint=payload["fingerprint"],
+            mask=str(payload.get("mask", "")),
         )
     except InputError:
         raise

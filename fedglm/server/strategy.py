@@ -12,6 +12,8 @@ payloads (`compression/FORMAT.md`), never the model as dense tensors.
 - With DP required (the default), an update is accepted only with a ledger entry that matches
   it (`countersign.py`); the coordinator countersigns it and sends the receipt back. A site
   that declines a round (its budget would be exceeded) is not selected for training again.
+- At the rounds of the pruning schedule, the global model is ranked and sliced before the
+  round's messages are built (`fedglm/pruning.py`); every later message carries the mask.
 - Weights are uniform by default, because a site's record count is private; a coordinator may
   ask for record-count weights, used only in a round where every replying site declared its
   count public.
@@ -33,7 +35,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedglm.compression import CODECS, Kind, PayloadError, check_header, decode
-from fedglm.config import CompressionConfig
+from fedglm.config import CompressionConfig, PruningConfig
+from fedglm.model import GLMArgs
 from fedglm.payload import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -43,6 +46,7 @@ from fedglm.payload import (
     payload_record,
     read_payload,
 )
+from fedglm.pruning import MASK_KEY, Mask, choose_mask, slice_state
 from fedglm.server.broadcast import Broadcast
 from fedglm.server.countersign import BAD_LEDGER, Countersigner
 
@@ -64,9 +68,14 @@ class FedglmAvg:
         weighting: Weighting = "uniform",
         countersigner: Countersigner | None = None,
         require_dp: bool = True,
+        model_args: GLMArgs | None = None,
+        pruning: PruningConfig | None = None,
+        mask: Mask | None = None,
     ) -> None:
         if require_dp and countersigner is None:
             raise ValueError("require_dp needs a countersigner")
+        if (pruning is not None or mask is not None) and model_args is None:
+            raise ValueError("pruning needs the unpruned model's args")
         self.broadcast = broadcast
         self.compression = compression
         self.run_key = run_key
@@ -76,7 +85,42 @@ class FedglmAvg:
         self.countersigner = countersigner
         self.require_dp = require_dp
         self.exhausted: set[int] = set()  # nodes that declined a round: their budget is spent
-        self._sum = {name: np.zeros(math.prod(s), dtype=np.float32) for name, s in broadcast.shapes.items()}
+        self.model_args = model_args
+        self.pruning = pruning or PruningConfig()
+        self.mask = mask or (Mask.full(model_args) if model_args is not None else None)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        self._sum = {
+            name: np.zeros(math.prod(s), dtype=np.float32) for name, s in self.broadcast.shapes.items()
+        }
+
+    @property
+    def mask_json(self) -> str:
+        """The current pruning mask as sent to sites; "" while the model is unpruned."""
+        if self.mask is None or self.model_args is None or self.mask == Mask.full(self.model_args):
+            return ""
+        return self.mask.to_json()
+
+    def _prune(self, server_round: int) -> None:
+        step = self.pruning.step_at(server_round)
+        if step is None or self.mask is None or self.model_args is None:
+            return
+        args, held = self.model_args, self.mask
+        target = choose_mask(self.broadcast.state, args, held, heads=step.heads, channels=step.channels)
+        if target == held:
+            return
+        self.broadcast.reshape(lambda state: slice_state(state, args, held, target))
+        self.mask = target
+        self._allocate()
+        heads, channels = target.kept()
+        log(
+            INFO,
+            "round %d: pruned the global model to %d heads and %d channels",
+            server_round,
+            heads,
+            channels,
+        )
 
     def summary(self) -> None:
         up, down = self.compression.uplink, self.compression.downlink
@@ -114,6 +158,8 @@ class FedglmAvg:
         config["uplink.codec"] = up.codec
         config["uplink.density"] = up.density_for(server_round)
         config["uplink.selection"] = up.selection
+        if self.mask_json:
+            config[MASK_KEY] = self.mask_json
         # Nodes sent the same payload share one content object (it is serialized once).
         contents: dict[int, RecordDict] = {}
         messages = []
@@ -129,6 +175,7 @@ class FedglmAvg:
         return messages
 
     def configure_train(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
+        self._prune(server_round)
         return self._messages(grid, server_round, config, self.fraction_train, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
