@@ -226,6 +226,73 @@ class FederationConfig(_Section):
         return self
 
 
+class DataConfig(_Section):
+    """A site's records: a CSV column, a JSONL field, or a folder of .txt files (UTF-8)."""
+
+    path: ConfigPath
+    format: Literal["csv", "jsonl", "txt"] | None = None
+    field: str | None = None
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+
+class DistillConfig(_Section):
+    """`fedglm distill`: the final global model teaches a smaller student on public text.
+
+    The student keeps `layers` of the teacher's layers (evenly spaced, first and last kept;
+    default: half, at least one) and, in each, the most important `1 - heads` and
+    `1 - channels` of the teacher's heads and channels; it starts from those weights. The loss
+    is `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * next-token loss` at
+    temperature `temperature`.
+    """
+
+    layers: int | None = Field(default=None, ge=1)
+    heads: float = Field(default=0.0, ge=0.0, lt=1.0)
+    channels: float = Field(default=0.0, ge=0.0, lt=1.0)
+    temperature: float = Field(default=2.0, gt=0.0, le=20.0)
+    alpha: float = Field(default=0.7, ge=0.0, le=1.0)
+    steps: int = Field(default=300, ge=1)
+    lr: float = Field(default=2e-3, gt=0.0)
+    batch_size: int = Field(default=16, ge=1)
+    seq_len: int = Field(default=128, ge=8)
+    seed: int = 0
+
+
+class ExportConfig(_Section):
+    """`fedglm export`: ONNX (fp32, with INT8 and FP16 variants) and a TensorRT engine.
+
+    The fp32 ONNX model must match torch on held-out public text: largest absolute logit
+    difference at most `parity_atol` and next-token agreement at least `parity_agreement`, or
+    the export fails. The variants' figures are reported. `max_batch` bounds the dynamic batch
+    axis (the sequence axis goes up to `model.max_seq_len`).
+    """
+
+    formats: list[Literal["onnx", "tensorrt"]] = Field(default=["onnx"], min_length=1)
+    int8: bool = True
+    fp16: bool = True
+    parity_atol: float = Field(default=1e-3, gt=0.0)
+    parity_agreement: float = Field(default=0.99, ge=0.0, le=1.0)
+    parity_batches: int = Field(default=8, ge=1)
+    max_batch: int = Field(default=64, ge=1)
+
+
+class PublicTextConfig(_Section):
+    """Text the coordinator may use: public, never a site's records. `data`: a CSV, JSONL or
+    .txt folder (as a site's data section); unset: clinical-style notes the project generates."""
+
+    data: DataConfig | None = None
+    generated_records: int = Field(default=600, ge=20)
+    seed: int = 0
+
+
+class ReleaseConfig(_Section):
+    """After the last round: distill (unless `distill` is null), export, and write a model card."""
+
+    public_text: PublicTextConfig = PublicTextConfig()
+    distill: DistillConfig | None = DistillConfig()
+    export: ExportConfig = ExportConfig()
+
+
 class TLSConfig(_Section):
     """The coordinator's certificate authority and server certificate (see `fedglm certs`)."""
 
@@ -245,16 +312,8 @@ class CoordinatorConfig(_Section):
     # The key that countersigns ledger entries; made on first start if missing.
     receipt_key: ConfigPath | None = None
     federation: FederationConfig = FederationConfig()
-
-
-class DataConfig(_Section):
-    """A site's records: a CSV column, a JSONL field, or a folder of .txt files (UTF-8)."""
-
-    path: ConfigPath
-    format: Literal["csv", "jsonl", "txt"] | None = None
-    field: str | None = None
-    val_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    split_seed: int = 0
+    # Distillation, export and the model card after the last round; none unless asked for.
+    release: ReleaseConfig | None = None
 
 
 class ShareConfig(_Section):
@@ -385,6 +444,8 @@ class SimulateConfig(_Section):
     generated: GeneratedCorpusConfig = GeneratedCorpusConfig()
     # The privacy of the generated sites (sites listed in `sites` carry their own).
     privacy: PrivacyConfig = PrivacyConfig()
+    # Distillation, export and the model card after the last round (null: none).
+    release: ReleaseConfig | None = ReleaseConfig()
 
     @model_validator(mode="after")
     def _enough_sites(self) -> SimulateConfig:

@@ -261,3 +261,10 @@ def write_generated_corpus(out_dir: Path, *, sites: int, records_per_site: int, 
         atomic_write_text(path, "\n".join(lines) + "\n")
         paths.append(path)
     return paths
+
+
+def generate_public_records(records: int, seed: int) -> list[str]:
+    """Public proxy text for the server (distillation, held-out checks): notes of every
+    specialty in equal shares, from a stream that no site's records are drawn from."""
+    rng = random.Random(f"fedglm-corpus/{seed}/public")
+    return [generate_note(rng.choice(SPECIALTIES), rng) for _ in range(records)]

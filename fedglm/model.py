@@ -16,11 +16,16 @@ layer has `n_heads` and `d_ff`). The head size stays `d_model / n_heads` either 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedglm.atomic import atomic_write
+from fedglm.errors import InputError
 
 BYTE_VOCAB = 256
 BOS_ID = 256
@@ -170,3 +175,34 @@ def build_model(args: GLMArgs, seed: int) -> GLM:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+MODEL_FORMAT = "fedglm-model/1"
+
+
+def save_model(path: Path, model: GLM) -> None:
+    """A model file: its shape (`GLMArgs`) and fp32 weights, written atomically."""
+    payload = {
+        "format": MODEL_FORMAT,
+        "args": asdict(model.args),
+        "state": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def load_model(path: Path) -> GLM:
+    """A model written by `save_model`; an `InputError` line if it is missing or not one."""
+    if not path.is_file():
+        raise InputError(f"model file {path} does not exist")
+    try:
+        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != MODEL_FORMAT:
+            raise ValueError(f"format {payload.get('format')!r}")
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in payload["args"].items()
+        }
+        model = GLM(GLMArgs(**fields))
+        model.load_state_dict(payload["state"])
+    except Exception as exc:
+        raise InputError(f"{path}: not a fedglm model file ({type(exc).__name__}: {str(exc)[:80]})") from None
+    return model.eval()

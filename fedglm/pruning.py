@@ -45,9 +45,10 @@ class Mask:
 
     @classmethod
     def full(cls, args: GLMArgs) -> Mask:
+        """Everything of a model of shape `args` kept."""
         return cls(
-            heads=tuple(tuple(range(args.n_heads)) for _ in range(args.n_layers)),
-            channels=tuple(tuple(range(args.d_ff)) for _ in range(args.n_layers)),
+            heads=tuple(tuple(range(args.heads(layer))) for layer in range(args.n_layers)),
+            channels=tuple(tuple(range(args.ff(layer))) for layer in range(args.n_layers)),
         )
 
     def shape(self, args: GLMArgs) -> GLMArgs:
@@ -207,19 +208,30 @@ def _keep(scores: torch.Tensor, current: tuple[int, ...], count: int) -> tuple[i
 
 
 def choose_mask(
-    state: dict[str, torch.Tensor], args: GLMArgs, current: Mask, *, heads: float, channels: float
+    state: dict[str, torch.Tensor],
+    args: GLMArgs,
+    current: Mask,
+    *,
+    heads: float,
+    channels: float,
+    of_current: bool = False,
 ) -> Mask:
-    """The mask that removes `heads` and `channels` (fractions of the unpruned counts, per
-    layer) by the weights of `state`, a model sliced to `current` from unpruned `args`."""
+    """The mask that removes `heads` and `channels` in every layer by the weights of `state`,
+    a model sliced to `current` from `args`. The fractions are of the unpruned counts
+    (`args.n_heads`, `args.d_ff`), or of what `current` keeps with `of_current`."""
     head_scores, channel_scores = importance(state, current.shape(args))
-    keep_heads = max(1, round(args.n_heads * (1.0 - heads)))
-    keep_channels = max(1, round(args.d_ff * (1.0 - channels)))
+
+    def count(fraction: float, whole: int, kept: tuple[int, ...]) -> int:
+        return max(1, round((len(kept) if of_current else whole) * (1.0 - fraction)))
+
+    layers = range(args.n_layers)
     return Mask(
         heads=tuple(
-            _keep(head_scores[layer], current.heads[layer], keep_heads) for layer in range(args.n_layers)
+            _keep(head_scores[i], current.heads[i], count(heads, args.n_heads, current.heads[i]))
+            for i in layers
         ),
         channels=tuple(
-            _keep(channel_scores[layer], current.channels[layer], keep_channels)
-            for layer in range(args.n_layers)
+            _keep(channel_scores[i], current.channels[i], count(channels, args.d_ff, current.channels[i]))
+            for i in layers
         ),
     )

@@ -32,6 +32,9 @@ from fedglm.privacy.receipts import make_receipt, read_receipts, receipt_ok
 BAD_LEDGER = "bad-ledger"
 
 
+LEDGER_COPIES = "ledgers"  # <out>/ledgers/<site>.jsonl: every ledger line countersigned
+
+
 class Countersigner:
     """Receipts for the ledger entries of one coordinator; see the module docstring."""
 
@@ -83,6 +86,8 @@ class Countersigner:
             raise PayloadError(f"ledger entry of {client!r} does not match: {', '.join(failed)}", BAD_LEDGER)
         receipt = json.dumps(make_receipt(line, self.key), sort_keys=True)
         append_line(self.folder / f"{client}.jsonl", receipt)
+        # The site's own line, as received: the model card states each site's guarantee from it.
+        append_line(self.folder.parent / LEDGER_COPIES / f"{client}.jsonl", json.dumps(line.as_json()))
         self.site_keys[client] = site_key_id
         self.epsilon[client] = float(entry["epsilon"])
         self._pending[node] = receipt

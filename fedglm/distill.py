@@ -1,0 +1,162 @@
+"""Distillation of the federation's final model into a smaller student, on public text only.
+
+The coordinator has no site's records, so distillation runs on public proxy text (FedDF's
+setting): either a file named in the config (e.g. PubMedQA contexts or MedQuAD answers from
+`../shared/data/`) or clinical-style notes the project generates. It reads only the teacher (the
+aggregated, DP-trained model: post-processing) and public text, so it spends no privacy.
+
+The student (`make_student`) is cut from the teacher: `layers` of its blocks, evenly spaced
+with the first and last kept, each optionally narrowed further by the pruning criterion
+(`fedglm/pruning.py`); embedding, final norm and LM head are copied. `distill` then trains it
+with Hinton's loss per token: alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE,
+AdamW with a linear warm-up and cosine decay.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from fedglm.data import IGNORE_INDEX, sample_batches
+from fedglm.model import GLM, GLMArgs, count_parameters
+from fedglm.pruning import Mask, choose_mask, slice_state
+from fedglm.training import ResolvedPrecision, autocast, lm_loss
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def student_layers(n_teacher: int, n_student: int) -> list[int]:
+    """`n_student` of the teacher's layer indices, evenly spaced, first and last kept."""
+    if not 1 <= n_student <= n_teacher:
+        raise ValueError(f"a student of {n_student} layers from a teacher of {n_teacher}")
+    if n_student == 1:
+        return [0]
+    return sorted({round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)})
+
+
+def make_student(teacher: GLM, *, layers: int, heads: float, channels: float) -> GLM:
+    """A student initialised from `layers` of the teacher's blocks, each keeping the most
+    important `1 - heads` of its heads and `1 - channels` of its channels."""
+    args = teacher.args
+    state = dict(teacher.state_dict())
+    # Narrow: the teacher's current widths count as whole, so fractions are of what it has.
+    whole = Mask.full(args)
+    narrow = choose_mask(state, args, whole, heads=heads, channels=channels, of_current=True)
+    state = slice_state(state, args, whole, narrow)
+    widths = narrow.shape(args)
+    keep = student_layers(args.n_layers, layers)
+    renumber = {old: new for new, old in enumerate(keep)}
+    student_state = {}
+    for name, tensor in state.items():
+        match = _BLOCK.match(name)
+        if match is None:
+            student_state[name] = tensor.clone()
+        elif int(match.group(1)) in renumber:
+            new = renumber[int(match.group(1))]
+            student_state[_BLOCK.sub(f"blocks.{new}.", name, count=1)] = tensor.clone()
+    student_args = replace(
+        args,
+        n_layers=len(keep),
+        layer_heads=tuple(widths.heads(i) for i in keep),
+        layer_ff=tuple(widths.ff(i) for i in keep),
+    )
+    student = GLM(student_args)
+    student.load_state_dict(student_state)
+    return student
+
+
+@dataclass(frozen=True)
+class DistillStats:
+    loss: float  # mean distillation loss over the last tenth of the steps
+    steps: int
+    seconds: float
+
+
+def distill(
+    teacher: GLM,
+    student: GLM,
+    records: Sequence[list[int]],
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    temperature: float,
+    alpha: float,
+    precision: ResolvedPrecision,
+    device: torch.device,
+    seed: int,
+) -> DistillStats:
+    """Train `student` to match `teacher` on `records` (public text) for `steps` steps."""
+    teacher.eval().to(device)
+    student.train().to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: (
+            min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+        ),
+    )
+    batches = sample_batches(
+        records,
+        batch_size=batch_size,
+        seq_len=min(seq_len, student.args.max_seq_len),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    tail: list[float] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        inputs, targets = next(batches)
+        inputs, targets = inputs.to(device), targets.to(device)
+        with torch.no_grad(), autocast(precision, device):
+            teacher_logits = teacher(inputs)
+        with autocast(precision, device):
+            student_logits = student(inputs)
+        loss = distillation_loss(
+            student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step >= steps - max(1, steps // 10):
+            tail.append(float(loss.detach()))
+    student.eval()
+    return DistillStats(loss=sum(tail) / len(tail), steps=steps, seconds=time.perf_counter() - start)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Per real token: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * next-token CE."""
+    real = targets != IGNORE_INDEX
+    s = F.log_softmax(student_logits.float()[real] / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float()[real] / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    return alpha * kl + (1.0 - alpha) * lm_loss(student_logits, targets)
+
+
+def describe(args: GLMArgs, model: GLM) -> dict[str, object]:
+    """A model's shape for reports and the model card."""
+    return {
+        "parameters": count_parameters(model),
+        "layers": args.n_layers,
+        "d_model": args.d_model,
+        "heads": [args.heads(i) for i in range(args.n_layers)],
+        "ffn_channels": [args.ff(i) for i in range(args.n_layers)],
+        "max_seq_len": args.max_seq_len,
+        "vocab_size": args.vocab_size,
+    }

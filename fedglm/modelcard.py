@@ -1,0 +1,236 @@
+"""The model card beside the exported files: `MODEL_CARD.md` for people, `model_card.json` for tools.
+
+Built only from what the run folder records, so every figure is measured, none typed in:
+- architecture and sizes: the configured model, the pruned global model (`checkpoint.pt`), the
+  student (`release/distill.json`);
+- validation: the sites' last federated evaluation (where they declared losses public) and the
+  held-out public-text loss and bits per byte of teacher and student;
+- parity of each exported file (`release/export.json`);
+- traffic: upload and download bytes summed over `metrics.jsonl`;
+- privacy: for each site, its last ledger entry as the coordinator countersigned it
+  (`ledgers/<site>.jsonl`): unit of privacy, epsilon, delta, accountant, sampler, q, sigma.
+  A site with no countersigned entry trained without DP and the card says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedglm import metrics
+from fedglm.atomic import atomic_write_text
+from fedglm.config import RunSpec
+from fedglm.errors import InputError
+from fedglm.model import count_parameters
+from fedglm.pruning import Mask
+from fedglm.server.app import SPEC_NAME
+from fedglm.server.checkpoint import load_checkpoint
+from fedglm.server.countersign import LEDGER_COPIES
+
+RELEASE_DIR = "release"
+DISTILL_REPORT = "distill.json"
+EXPORT_REPORT = "export.json"
+CARD_MD = "MODEL_CARD.md"
+CARD_JSON = "model_card.json"
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else None
+
+
+def site_guarantees(run_dir: Path) -> list[dict[str, Any]]:
+    """Each site's guarantee, from the last ledger line the coordinator countersigned."""
+    sites = []
+    for path in sorted((run_dir / LEDGER_COPIES).glob("*.jsonl")):
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            continue
+        entry = json.loads(lines[-1])["entry"]
+        keys = ("client", "unit", "epsilon", "delta", "accountant", "sampler", "q", "sigma", "clip_norm")
+        sites.append({**{k: entry[k] for k in keys}, "rounds": len(lines), "budget": entry["budget"]})
+    return sites
+
+
+def _shape(args: Any) -> dict[str, Any]:
+    from fedglm.model import GLM
+
+    return {
+        "parameters": count_parameters(GLM(args)),
+        "layers": args.n_layers,
+        "d_model": args.d_model,
+        "heads": [args.heads(i) for i in range(args.n_layers)],
+        "ffn_channels": [args.ff(i) for i in range(args.n_layers)],
+    }
+
+
+def read_run_spec(run_dir: Path) -> RunSpec:
+    path = run_dir / SPEC_NAME
+    if not path.is_file():
+        raise InputError(
+            f"{run_dir} is not a run folder (no {SPEC_NAME}); run fedglm server or simulate first"
+        )
+    try:
+        return RunSpec.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(
+            f"{path}: not a run spec of this fedglm version ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def build_card(run_dir: Path) -> dict[str, Any]:
+    fed = read_run_spec(run_dir).federation
+    args = fed.model.glm_args()
+    checkpoint = load_checkpoint(run_dir)
+    mask = Mask.from_json(checkpoint.mask, args) if checkpoint and checkpoint.mask else Mask.full(args)
+    rows = metrics.read_rows(run_dir)
+    last = rows[-1] if rows else {}
+    distilled = _json(run_dir / RELEASE_DIR / DISTILL_REPORT)
+    exported = _json(run_dir / RELEASE_DIR / EXPORT_REPORT)
+    return {
+        "model": "fedglm byte-level GLM-style decoder (RMSNorm, rotary attention, SwiGLU)",
+        "federation": {
+            "rounds_finished": checkpoint.round if checkpoint else 0,
+            "rounds_planned": fed.rounds,
+            "uplink": fed.compression.uplink.model_dump(),
+            "downlink": fed.compression.downlink.model_dump(),
+            "pruning_schedule": [s.model_dump() for s in fed.pruning.schedule],
+        },
+        "architecture": {
+            "configured": _shape(args),
+            "pruned": _shape(mask.shape(args)),
+            "student": {k: distilled["student"][k] for k in ("parameters", "layers", "heads", "ffn_channels")}
+            if distilled
+            else None,
+        },
+        "validation": {
+            "federated_last_round": {"val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb")},
+            "public_held_out": {
+                "text": distilled["public_text"],
+                "teacher": {k: distilled["teacher"][k] for k in ("loss", "bits_per_byte")},
+                "student": {k: distilled["student"][k] for k in ("loss", "bits_per_byte")},
+            }
+            if distilled
+            else None,
+        },
+        "export": exported,
+        "traffic": {
+            "upload_bytes": sum(int(r.get("upload_bytes", 0)) for r in rows),
+            "download_bytes": sum(int(r.get("download_bytes", 0)) for r in rows),
+        },
+        "privacy": {
+            "unit": "record (one note): neighbouring data sets differ by one record, added or removed",
+            "sites": site_guarantees(run_dir),
+            "dp_required": fed.require_dp,
+            "post_processing": "pruning, distillation and export read only the aggregated model and "
+            "public text; they spend no privacy",
+        },
+    }
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    arch, fed, val, traffic, priv = (
+        card["architecture"],
+        card["federation"],
+        card["validation"],
+        card["traffic"],
+        card["privacy"],
+    )
+    out = [
+        "# Model card",
+        "",
+        card["model"],
+        "",
+        "## Architecture",
+        "",
+        "| model | parameters | layers | heads per layer | FFN channels per layer |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("configured", "pruned", "student"):
+        shape = arch[name]
+        if shape:
+            out.append(
+                f"| {name} | {shape['parameters']:,} | {shape['layers']} | {shape['heads']} | "
+                f"{shape['ffn_channels']} |"
+            )
+    out += [
+        "",
+        f"Federation: {fed['rounds_finished']} of {fed['rounds_planned']} rounds; pruning schedule "
+        f"{fed['pruning_schedule'] or 'none'}.",
+        "",
+        "## Validation",
+        "",
+    ]
+    fl = val["federated_last_round"]
+    out.append(
+        f"- Sites' last federated evaluation (where declared public): loss {_fmt(fl['val_loss'])}, "
+        f"bits per byte {_fmt(fl['val_bpb'])}"
+    )
+    public = val["public_held_out"]
+    if public:
+        out.append(
+            f"- Held-out public text ({public['text']}): teacher loss {_fmt(public['teacher']['loss'])}, "
+            f"{_fmt(public['teacher']['bits_per_byte'])} bits/byte; student loss "
+            f"{_fmt(public['student']['loss'])}, {_fmt(public['student']['bits_per_byte'])} bits/byte"
+        )
+    exported = card["export"]
+    if exported:
+        out += [
+            "",
+            "## Exported files",
+            "",
+            f"Served model: {exported['model']} "
+            f"({exported['parameters']:,} parameters); parity passed: {exported['parity']['passed']}.",
+            "",
+            "| file | bytes | max abs logit diff | next-token agreement | held-out bits/byte |",
+            "|---|---|---|---|---|",
+        ]
+        for info in exported["files"].values():
+            out.append(
+                f"| {info['file']} | {info['bytes']:,} | {_fmt(info.get('max_abs_logit_diff'), '.2e')} | "
+                f"{_fmt(info.get('next_token_agreement'))} | {_fmt(info.get('held_out_bits_per_byte'))} |"
+            )
+    out += [
+        "",
+        "## Traffic",
+        "",
+        f"Upload {traffic['upload_bytes']:,} bytes, download "
+        f"{traffic['download_bytes']:,} bytes over the whole run.",
+        "",
+        "## Privacy",
+        "",
+        f"Unit of privacy: {priv['unit']}. {priv['post_processing'].capitalize()}.",
+        "",
+    ]
+    if priv["sites"]:
+        out += [
+            "| site | epsilon | delta | budget | accountant | sampler | q | sigma | clip | rounds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in priv["sites"]:
+            out.append(
+                f"| {s['client']} | {s['epsilon']:.3f} | {s['delta']:g} | {s['budget']:g} | "
+                f"{s['accountant']} | {s['sampler']} | {s['q']:.4g} | {s['sigma']:.4g} | "
+                f"{s['clip_norm']:g} | {s['rounds']} |"
+            )
+    else:
+        out.append(
+            "No site sent a countersigned ledger entry: this model carries **no** differential "
+            "privacy guarantee."
+        )
+    return "\n".join(out) + "\n"
+
+
+def write_card(run_dir: Path) -> tuple[Path, Path]:
+    card = build_card(run_dir)
+    folder = run_dir / RELEASE_DIR
+    atomic_write_text(folder / CARD_JSON, json.dumps(card, indent=2) + "\n")
+    atomic_write_text(folder / CARD_MD, render_markdown(card))
+    return folder / CARD_MD, folder / CARD_JSON
