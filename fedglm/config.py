@@ -439,7 +439,10 @@ class GeneratedCorpusConfig(_Section):
 class SimulateConfig(_Section):
     """`fedglm simulate`: the whole federation on 127.0.0.1; sites from files or generated."""
 
-    federation: FederationConfig = FederationConfig(min_clients=3)
+    # The default prunes a quarter of the heads and channels at round 2; round 3 recovers.
+    federation: FederationConfig = FederationConfig(
+        min_clients=3, pruning=PruningConfig(schedule=[PruneStep(round=2, heads=0.25, channels=0.25)])
+    )
     sites: list[SiteSpec] | None = None
     generated: GeneratedCorpusConfig = GeneratedCorpusConfig()
     # The privacy of the generated sites (sites listed in `sites` carry their own).

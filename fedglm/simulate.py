@@ -22,10 +22,12 @@ from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
+from fedglm.modelcard import RELEASE_DIR
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.coordinator import RowCallback, execute_run, write_spec
+from fedglm.server.countersign import LEDGER_COPIES
 from fedglm.server.superlink import TLSFiles, start_superlink
 
 
@@ -161,11 +163,12 @@ def run_simulation(
     """Run the simulation; returns the metrics rows and each DP site's `privacy_rows`.
 
     Every simulation starts fresh: `<out>/sites/` (site specs, models, residuals, ledgers,
-    keys) and the coordinator's receipts from an earlier simulation there are removed first.
+    keys), the coordinator's receipts and ledger copies, and `<out>/release/` from an earlier
+    simulation there are removed first.
     A site whose own `state_dir` lies outside `<out>/sites/` keeps it, ledger included.
     """
     out_dir = out_dir.absolute()
-    for owned in (out_dir / "sites", out_dir / "receipts"):
+    for owned in (out_dir / "sites", out_dir / "receipts", out_dir / LEDGER_COPIES, out_dir / RELEASE_DIR):
         shutil.rmtree(owned, ignore_errors=True)
     sites = simulated_sites(config, out_dir)
     ensure_signing_keys(sites)

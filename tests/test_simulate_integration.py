@@ -63,6 +63,39 @@ def test_simulate_two_sites_two_rounds(tmp_path: Path) -> None:
         report = json.loads(audit.stdout)
         assert [r["receipt"] for r in report["rows"]] == ["ok", "ok"]
         assert report["rows"][-1]["claimed"] == rows[1]["epsilon"][site]
+    # the release: student, exported files with passing parity, and a card stating each site's epsilon
+    release = out / "release"
+    assert {"student.pt", "model.onnx", "model.int8.onnx", "model.fp16.onnx", "MODEL_CARD.md"} <= {
+        p.name for p in release.iterdir()
+    }
+    card = json.loads((release / "model_card.json").read_text())
+    assert card["export"]["parity"]["passed"] is True
+    assert {s["client"]: s["epsilon"] for s in card["privacy"]["sites"]} == rows[1]["epsilon"]
+    assert "model.int8.onnx" in result.output
+
+
+def _run(tmp_path: Path, name: str, pruning: str) -> list[dict[str, object]]:
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(
+        "federation:\n  rounds: 3\n  min_clients: 2\n"
+        "  train:\n    local_steps: 5\n    batch_size: 8\n    seq_len: 64\n"
+        + pruning
+        + "generated:\n  sites: 2\n  records_per_site: 40\nrelease: null\n"
+    )
+    out = tmp_path / name
+    result = CliRunner().invoke(app, ["simulate", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_pruned_run_sends_fewer_bytes_than_an_unpruned_one(tmp_path: Path) -> None:
+    plain = _run(tmp_path, "plain", "")
+    pruned = _run(tmp_path, "pruned", "  pruning:\n    schedule: [{round: 2, heads: 0.5, channels: 0.5}]\n")
+    assert [r["clients"] for r in pruned] == [2, 2, 2]
+    after = sum(int(r["upload_bytes"]) for r in pruned[1:])  # type: ignore[call-overload]
+    before = sum(int(r["upload_bytes"]) for r in plain[1:])  # type: ignore[call-overload]
+    assert after < 0.85 * before, (after, before)
+    assert pruned[2]["val_loss"] < pruned[0]["val_loss"]  # type: ignore[operator]
 
 
 def test_sites_decline_when_their_budget_is_spent_and_the_run_ends(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedglm.cli import audit, certs, client, keys, partition, server, simulate
+from fedglm.cli import audit, certs, client, keys, partition, release, server, simulate
 
 app = typer.Typer(
     name="fedglm",
@@ -20,3 +20,5 @@ app.command("certs")(certs.certs)
 app.command("partition")(partition.partition)
 app.command("keys")(keys.keys)
 app.command("audit")(audit.audit)
+app.command("distill")(release.distill)
+app.command("export")(release.export)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -107,6 +109,27 @@ def print_privacy(rows: list[dict[str, Any]]) -> None:
     console.print(table)
     for row in rows:
         console.print(f"[dim]{row['site']}: ledger {row['ledger']}[/dim]")
+
+
+def print_release(folder: Path) -> None:
+    """The files of a release folder, with the exported files' parity and bits per byte."""
+    report_path = folder / "export.json"
+    exported = json.loads(report_path.read_text())["files"] if report_path.exists() else {}
+    by_file = {info["file"]: info for info in exported.values()}
+    table = Table(title=f"release: {folder}")
+    for column in ("file", "bytes", "max |logit diff|", "next-token agreement", "held-out bits/byte"):
+        table.add_column(column, justify="right")
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        info = by_file.get(path.name, {})
+        diff = info.get("max_abs_logit_diff")
+        table.add_row(
+            path.name,
+            f"{path.stat().st_size:,}",
+            "" if diff is None else f"{diff:.2e}",
+            _num(info.get("next_token_agreement")) if info else "",
+            _num(info.get("held_out_bits_per_byte")) if info else "",
+        )
+    console.print(table)
 
 
 def status(message: str) -> None:

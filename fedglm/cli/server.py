@@ -8,10 +8,12 @@ from typing import Annotated
 import typer
 
 from fedglm.cli.common import reports_errors
-from fedglm.cli.progress import print_round, print_table, status
+from fedglm.cli.progress import print_release, print_round, print_table, status
 from fedglm.config import CoordinatorConfig, load_config
 from fedglm.errors import InputError
 from fedglm.metrics import METRICS_NAME
+from fedglm.modelcard import RELEASE_DIR
+from fedglm.release import release
 from fedglm.server.coordinator import execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, check_insecure_allowed, start_superlink
 
@@ -48,6 +50,10 @@ def server(
     finally:
         superlink.stop()
     print_table(rows, title=f"fedglm server: {len(rows)} rounds, metrics in {cfg.out_dir / METRICS_NAME}")
+    if cfg.release is not None:
+        status("distilling and exporting the final model (release section)")
+        release(cfg.out_dir, cfg.release)
+        print_release(cfg.out_dir / RELEASE_DIR)
 
 
 def _tls(cfg: CoordinatorConfig, insecure: bool, path: Path) -> TLSFiles | None:

@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 
 from fedglm.cli.common import reports_errors
-from fedglm.cli.progress import print_privacy, print_round, print_table, status
+from fedglm.cli.progress import print_privacy, print_release, print_round, print_table, status
 from fedglm.config import SimulateConfig, load_config
 from fedglm.metrics import METRICS_NAME
+from fedglm.modelcard import RELEASE_DIR
+from fedglm.release import release
 from fedglm.simulate import run_simulation
 
 
@@ -30,3 +32,7 @@ def simulate(
     print_table(rows, title=f"fedglm simulate: {len(rows)} rounds, metrics in {out / METRICS_NAME}")
     if privacy:
         print_privacy(privacy)
+    if cfg.release is not None:
+        status("distilling the final model into a student and exporting it (release section)")
+        release(out, cfg.release)
+        print_release(out / RELEASE_DIR)
