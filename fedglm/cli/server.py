@@ -13,7 +13,7 @@ from fedglm.config import CoordinatorConfig, load_config
 from fedglm.errors import InputError
 from fedglm.metrics import METRICS_NAME
 from fedglm.modelcard import RELEASE_DIR
-from fedglm.release import release
+from fedglm.release import public_text, release
 from fedglm.server.coordinator import execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, check_insecure_allowed, start_superlink
 
@@ -29,6 +29,8 @@ def server(
     cfg = load_config(config, CoordinatorConfig)
     tls = _tls(cfg, insecure, config)
     fed = cfg.federation
+    if cfg.release is not None:
+        public_text(cfg.release)  # a missing or unreadable public text fails now, not after the run
     spec_path = write_spec(cfg.out_dir, fed, resume=cfg.resume, receipt_key=cfg.receipt_key)
     superlink = start_superlink(
         host=cfg.host, port=cfg.port, tls=tls, home=cfg.out_dir / "flower" / "superlink"
