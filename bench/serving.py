@@ -47,9 +47,8 @@ from fedglm.data import encode, load_records, split_records  # noqa: E402
 from fedglm.distill import distill, make_student  # noqa: E402
 from fedglm.export.onnx import OnnxLM, check_parity, export_onnx, quantize_int8  # noqa: E402
 from fedglm.model import GLM, count_parameters  # noqa: E402
-from fedglm.release import final_model, public_text  # noqa: E402
+from fedglm.release import final_model, held_out, public_text  # noqa: E402
 from fedglm.simulate import run_simulation  # noqa: E402
-from fedglm.training import evaluate  # noqa: E402
 
 FEDERATION = {
     "rounds": 4,
@@ -105,11 +104,6 @@ def distilled(teacher: GLM, text: list[list[int]], *, layers: int, heads: float,
     return student.eval()
 
 
-def bits_per_byte(model: torch.nn.Module, records: list[list[int]]) -> float:
-    stats = evaluate(model, records, seq_len=SEQ, batch_size=16, precision="fp32", device=torch.device("cpu"))
-    return stats.bits_per_byte
-
-
 def latencies(models: dict[str, torch.nn.Module], batch: int, repeats: int) -> dict[str, float]:
     """Median seconds per forward pass of each model, timed in turns."""
     tokens = torch.randint(0, 256, (batch, SEQ), generator=torch.Generator().manual_seed(batch))
@@ -163,7 +157,7 @@ def main() -> None:
         "student ONNX INT8 (ORT)": OnnxLM(int8, threads=1),
     }
     params = {name: count_parameters(m) for name, m in models.items() if isinstance(m, GLM)}
-    bpb = {name: bits_per_byte(model, val) for name, model in models.items()}
+    bpb = {name: held_out(model, val, SEQ).bits_per_byte for name, model in models.items()}
     agreement = check_parity(student, models["student ONNX INT8 (ORT)"], "int8", val, seq_len=SEQ, batches=8)
     timing = {batch: latencies(models, batch, args.repeats) for batch in (1, 8)}
 

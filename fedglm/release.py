@@ -65,10 +65,11 @@ def public_text(cfg: ReleaseConfig) -> SiteData:
     return split_records(records, source.data.val_fraction, source.data.split_seed)
 
 
-def held_out(model: torch.nn.Module, text: SiteData, seq_len: int) -> EvalStats:
+def held_out(model: torch.nn.Module, records: list[list[int]], seq_len: int) -> EvalStats:
+    """Loss and bits per byte of `model` (torch or `OnnxLM`) on `records`, fp32 on the CPU."""
     return evaluate(
         model,
-        [encode(t) for t in text.val],
+        records,
         seq_len=seq_len,
         batch_size=16,
         precision="fp32",
@@ -95,6 +96,7 @@ def run_distill(run_dir: Path, cfg: ReleaseConfig) -> dict[str, Any]:
     if layers > teacher.args.n_layers:
         raise InputError(f"distill.layers = {layers}: the teacher has only {teacher.args.n_layers} layers")
     text = public_text(cfg)
+    held = [encode(t) for t in text.val]
     student = make_student(teacher, layers=layers, heads=d.heads, channels=d.channels)
     seq_len = min(d.seq_len, teacher.args.max_seq_len)
     stats = distill(
@@ -116,8 +118,8 @@ def run_distill(run_dir: Path, cfg: ReleaseConfig) -> dict[str, Any]:
     report = {
         "public_text": _text_source(cfg),
         "held_out_records": len(text.val),
-        "teacher": {**describe(teacher.args, teacher), **_scores(held_out(teacher, text, seq_len))},
-        "student": {**describe(student.args, student), **_scores(held_out(student, text, seq_len))},
+        "teacher": {**describe(teacher.args, teacher), **_scores(held_out(teacher, held, seq_len))},
+        "student": {**describe(student.args, student), **_scores(held_out(student, held, seq_len))},
         "settings": d.model_dump(),
         "final_loss": stats.loss,
         "seconds": round(stats.seconds, 2),
@@ -173,7 +175,7 @@ def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> dict[st
             "max_abs_logit_diff": parity.max_abs_diff,
             "next_token_agreement": parity.agreement,
             "parity_tokens": parity.tokens,
-            "held_out_bits_per_byte": held_out(session, text, seq_len).bits_per_byte,
+            "held_out_bits_per_byte": held_out(session, records, seq_len).bits_per_byte,
         }
     reference = files["fp32"]
     passed = (
@@ -191,7 +193,7 @@ def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> dict[st
     report = {
         "model": which,
         "parameters": describe(model.args, model)["parameters"],
-        "torch_held_out_bits_per_byte": held_out(model, text, seq_len).bits_per_byte,
+        "torch_held_out_bits_per_byte": held_out(model, records, seq_len).bits_per_byte,
         "files": files,
         "parity": {"atol": e.parity_atol, "min_agreement": e.parity_agreement, "passed": passed},
     }
