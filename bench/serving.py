@@ -128,7 +128,6 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a finished run folder to take the teacher from")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    torch.set_num_threads(1)
 
     print("1. federation on MTSamples (small preset, 4 hospitals)")
     run = args.run or train_teacher(args.data, args.out)
@@ -159,6 +158,7 @@ def main() -> None:
     params = {name: count_parameters(m) for name, m in models.items() if isinstance(m, GLM)}
     bpb = {name: held_out(model, val, SEQ).bits_per_byte for name, model in models.items()}
     agreement = check_parity(student, models["student ONNX INT8 (ORT)"], "int8", val, seq_len=SEQ, batches=8)
+    torch.set_num_threads(1)  # latency on one thread; training above used every core
     timing = {batch: latencies(models, batch, args.repeats) for batch in (1, 8)}
 
     base = "teacher (torch eager)"
