@@ -117,7 +117,8 @@ def print_release(folder: Path) -> None:
     exported = json.loads(report_path.read_text())["files"] if report_path.exists() else {}
     by_file = {info["file"]: info for info in exported.values()}
     table = Table(title=f"release: {folder}")
-    for column in ("file", "bytes", "max |logit diff|", "next-token agreement", "held-out bits/byte"):
+    table.add_column("file", no_wrap=True, min_width=20)
+    for column in ("bytes", "max |logit diff|", "next-token agreement", "held-out bits/byte"):
         table.add_column(column, justify="right")
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         info = by_file.get(path.name, {})
