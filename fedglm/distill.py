@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fedglm.data import IGNORE_INDEX, sample_batches
-from fedglm.model import GLM, GLMArgs, count_parameters
+from fedglm.model import GLM
 from fedglm.pruning import Mask, choose_mask, slice_state
 from fedglm.training import ResolvedPrecision, autocast, lm_loss
 
@@ -147,16 +147,3 @@ def distillation_loss(
     t = F.log_softmax(teacher_logits.float()[real] / temperature, dim=-1)
     kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
     return alpha * kl + (1.0 - alpha) * lm_loss(student_logits, targets)
-
-
-def describe(args: GLMArgs, model: GLM) -> dict[str, object]:
-    """A model's shape for reports and the model card."""
-    return {
-        "parameters": count_parameters(model),
-        "layers": args.n_layers,
-        "d_model": args.d_model,
-        "heads": [args.heads(i) for i in range(args.n_layers)],
-        "ffn_channels": [args.ff(i) for i in range(args.n_layers)],
-        "max_seq_len": args.max_seq_len,
-        "vocab_size": args.vocab_size,
-    }

@@ -177,6 +177,20 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def describe(model: GLM) -> dict[str, Any]:
+    """A model's shape for reports and the model card."""
+    args = model.args
+    return {
+        "parameters": count_parameters(model),
+        "layers": args.n_layers,
+        "d_model": args.d_model,
+        "heads": [args.heads(i) for i in range(args.n_layers)],
+        "ffn_channels": [args.ff(i) for i in range(args.n_layers)],
+        "max_seq_len": args.max_seq_len,
+        "vocab_size": args.vocab_size,
+    }
+
+
 MODEL_FORMAT = "fedglm-model/1"
 
 

@@ -22,7 +22,7 @@ from fedglm import metrics
 from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec
 from fedglm.errors import InputError
-from fedglm.model import count_parameters
+from fedglm.model import GLM, describe
 from fedglm.pruning import Mask
 from fedglm.server.app import SPEC_NAME
 from fedglm.server.checkpoint import load_checkpoint
@@ -53,18 +53,6 @@ def site_guarantees(run_dir: Path) -> list[dict[str, Any]]:
         keys = ("client", "unit", "epsilon", "delta", "accountant", "sampler", "q", "sigma", "clip_norm")
         sites.append({**{k: entry[k] for k in keys}, "rounds": len(lines), "budget": entry["budget"]})
     return sites
-
-
-def _shape(args: Any) -> dict[str, Any]:
-    from fedglm.model import GLM
-
-    return {
-        "parameters": count_parameters(GLM(args)),
-        "layers": args.n_layers,
-        "d_model": args.d_model,
-        "heads": [args.heads(i) for i in range(args.n_layers)],
-        "ffn_channels": [args.ff(i) for i in range(args.n_layers)],
-    }
 
 
 def read_run_spec(run_dir: Path) -> RunSpec:
@@ -100,8 +88,8 @@ def build_card(run_dir: Path) -> dict[str, Any]:
             "pruning_schedule": [s.model_dump() for s in fed.pruning.schedule],
         },
         "architecture": {
-            "configured": _shape(args),
-            "pruned": _shape(mask.shape(args)),
+            "configured": describe(GLM(args)),
+            "pruned": describe(GLM(mask.shape(args))),
             "student": {k: distilled["student"][k] for k in ("parameters", "layers", "heads", "ffn_channels")}
             if distilled
             else None,

@@ -22,7 +22,6 @@ product of the norms of its gate row, up row and down column.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, replace
 
@@ -69,9 +68,6 @@ class Mask:
             {"heads": [_bitmap(h) for h in self.heads], "channels": [_bitmap(c) for c in self.channels]},
             separators=(",", ":"),
         )
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def within(self, outer: Mask) -> bool:
         return all(

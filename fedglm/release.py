@@ -25,10 +25,10 @@ from fedglm.atomic import atomic_write_text
 from fedglm.config import ReleaseConfig
 from fedglm.corpus import generate_public_records
 from fedglm.data import SiteData, encode, load_records, split_records
-from fedglm.distill import describe, distill, make_student
+from fedglm.distill import distill, make_student
 from fedglm.errors import CheckFailed, InputError
 from fedglm.export.onnx import OnnxLM, check_parity, convert_fp16, export_onnx, quantize_int8
-from fedglm.model import GLM, load_model, save_model
+from fedglm.model import GLM, count_parameters, describe, load_model, save_model
 from fedglm.modelcard import DISTILL_REPORT, EXPORT_REPORT, RELEASE_DIR, read_run_spec, write_card
 from fedglm.pruning import Mask
 from fedglm.server.checkpoint import load_checkpoint
@@ -118,8 +118,8 @@ def run_distill(run_dir: Path, cfg: ReleaseConfig) -> dict[str, Any]:
     report = {
         "public_text": _text_source(cfg),
         "held_out_records": len(text.val),
-        "teacher": {**describe(teacher.args, teacher), **_scores(held_out(teacher, held, seq_len))},
-        "student": {**describe(student.args, student), **_scores(held_out(student, held, seq_len))},
+        "teacher": {**describe(teacher), **_scores(held_out(teacher, held, seq_len))},
+        "student": {**describe(student), **_scores(held_out(student, held, seq_len))},
         "settings": d.model_dump(),
         "final_loss": stats.loss,
         "seconds": round(stats.seconds, 2),
@@ -192,7 +192,7 @@ def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> dict[st
         }
     report = {
         "model": which,
-        "parameters": describe(model.args, model)["parameters"],
+        "parameters": count_parameters(model),
         "torch_held_out_bits_per_byte": held_out(model, records, seq_len).bits_per_byte,
         "files": files,
         "parity": {"atol": e.parity_atol, "min_agreement": e.parity_agreement, "passed": passed},
@@ -212,6 +212,5 @@ def release(run_dir: Path, cfg: ReleaseConfig) -> list[Path]:
     """Distill (if configured), export, write the card; the files of `<run>/release/`."""
     if cfg.distill is not None:
         run_distill(run_dir, cfg)
-    run_export(run_dir, cfg, list(cfg.export.formats))
-    write_card(run_dir)
+    run_export(run_dir, cfg, list(cfg.export.formats))  # both steps rewrite the card
     return sorted(p for p in (run_dir / RELEASE_DIR).iterdir() if p.is_file() and not p.name.startswith("."))
