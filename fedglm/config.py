@@ -28,6 +28,7 @@ from pydantic import (
 
 from fedglm.compression.codecs import CODECS
 from fedglm.errors import InputError
+from fedglm.lora import LORA_TARGETS, LoraSpec, LoraTarget
 from fedglm.model import GLMArgs
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -111,12 +112,26 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(default=1.0, gt=0.0)
     precision: Precision = "auto"
     eval_batch_size: int = Field(default=32, ge=1)
+    # What sites train and send: every weight (`full`), or LoRA adapters on `lora_targets` of
+    # every layer with the rest frozen (`lora`, see fedglm/lora.py).
+    adapters: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(default=8, ge=1, le=256)
+    lora_alpha: float = Field(default=16.0, gt=0.0)
+    lora_targets: list[LoraTarget] = Field(default=list(LORA_TARGETS), min_length=1)
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("set exactly one of local_steps and local_epochs (the other to null)")
+        if len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ValueError(f"lora_targets lists a projection twice: {self.lora_targets}")
         return self
+
+    def lora_spec(self, init_seed: int) -> LoraSpec | None:
+        """The adapters every party builds (A drawn from `init_seed`), or None for full training."""
+        if self.adapters != "lora":
+            return None
+        return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), seed=init_seed + 1)
 
 
 def _check_codec(name: str) -> str:
@@ -213,6 +228,9 @@ class FederationConfig(_Section):
     train: TrainConfig = TrainConfig()
     compression: CompressionConfig = CompressionConfig()
     pruning: PruningConfig = PruningConfig()
+    # A base model made by `fedglm pretrain` (its base.pt, with base.json beside it): the global
+    # model starts from it instead of random weights, and its hash is announced to the sites.
+    base: ConfigPath | None = None
 
     @model_validator(mode="after")
     def _window_fits(self) -> FederationConfig:
@@ -293,6 +311,41 @@ class ReleaseConfig(_Section):
     export: ExportConfig = ExportConfig()
 
 
+class PretrainConfig(_Section):
+    """`fedglm pretrain`: the coordinator trains a base model on public text only.
+
+    `text`: public sources (CSV / JSONL / .txt folders, read as a site's data section); with
+    none, clinical-style notes the project generates (`generated_records`, from a stream no
+    site uses). Training: AdamW, `warmup_steps` of linear warm-up then cosine decay to a tenth
+    of `lr`, over `steps` steps of `batch_size` windows of `seq_len` tokens. Every
+    `checkpoint_every` steps the state is saved atomically (and resumed from with `resume`)
+    and the held-out loss is measured. The result is `base.pt` with its manifest `base.json`
+    in `out_dir` (see fedglm/pretrain.py).
+    """
+
+    model: ModelConfig = ModelConfig()
+    text: list[DataConfig] = []
+    generated_records: int = Field(default=3000, ge=20)
+    steps: int = Field(default=600, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    seq_len: int = Field(default=128, ge=8)
+    lr: float = Field(default=3e-3, gt=0.0)
+    warmup_steps: int = Field(default=30, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    precision: Precision = "auto"
+    checkpoint_every: int = Field(default=100, ge=1)
+    seed: int = 0
+    out_dir: ConfigPath = Path("runs/pretrain")
+    resume: bool = True
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> PretrainConfig:
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return self
+
+
 class TLSConfig(_Section):
     """The coordinator's certificate authority and server certificate (see `fedglm certs`)."""
 
@@ -367,6 +420,8 @@ def _check_sampling_is_public(privacy: PrivacyConfig, share: ShareConfig) -> Non
         )
 
 
+BaseHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="64 lower-case hex digits (SHA-256)")]
+
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -391,6 +446,7 @@ class SiteSpec(_Section):
     share: ShareConfig = ShareConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     state_dir: ConfigPath | None = None
+    base_hash: BaseHash | None = None
 
     @model_validator(mode="after")
     def _public_sampling(self) -> SiteSpec:
@@ -416,6 +472,9 @@ class HospitalConfig(_Section):
     data: DataConfig
     share: ShareConfig = ShareConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    # Accept only a federation that starts from this base model (the `model_hash` in the
+    # base.json of `fedglm pretrain`); unset: any base, or none.
+    base_hash: BaseHash | None = None
 
     @model_validator(mode="after")
     def _public_sampling(self) -> HospitalConfig:
@@ -424,7 +483,12 @@ class HospitalConfig(_Section):
 
     def site_spec(self) -> SiteSpec:
         return SiteSpec(
-            name=self.site, data=self.data, share=self.share, privacy=self.privacy, state_dir=self.state_dir
+            name=self.site,
+            data=self.data,
+            share=self.share,
+            privacy=self.privacy,
+            state_dir=self.state_dir,
+            base_hash=self.base_hash,
         )
 
 
@@ -449,6 +513,10 @@ class SimulateConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     # Distillation, export and the model card after the last round (null: none).
     release: ReleaseConfig | None = ReleaseConfig()
+    # Unless federation.base names a base model: pretrain one of federation.model's shape on
+    # generated public text into <out>/base/ (kept there and reused), and start from it.
+    # null: start from random weights.
+    pretrain: PretrainConfig | None = PretrainConfig()
 
     @model_validator(mode="after")
     def _enough_sites(self) -> SimulateConfig:

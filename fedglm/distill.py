@@ -14,7 +14,6 @@ AdamW with a linear warm-up and cosine decay.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from fedglm.data import IGNORE_INDEX, sample_batches
 from fedglm.model import GLM
 from fedglm.pruning import Mask, choose_mask, slice_state
-from fedglm.training import ResolvedPrecision, autocast, lm_loss
+from fedglm.training import ResolvedPrecision, autocast, lm_loss, warmup_cosine
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -97,13 +96,7 @@ def distill(
     teacher.eval().to(device)
     student.train().to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (
-            min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, steps) / steps)))
-        ),
-    )
+    schedule = warmup_cosine(optimizer, warmup=steps // 20, steps=steps)
     batches = sample_batches(
         records,
         batch_size=batch_size,

@@ -103,6 +103,7 @@ def wire_bytes(obj: Any) -> int:
     return total
 
 
+BASE_HASH_KEY = "base.hash"  # the round config's key: the hex hash of the run's base model
 NULLABLE_TRAIN_KEYS = ("local_steps", "local_epochs", "grad_clip")
 
 

@@ -122,7 +122,10 @@ def slice_state(
 ) -> dict[str, torch.Tensor]:
     """Weights of a model sliced to `held` (unpruned shape `args`), sliced further to `target`.
 
-    Tensors that do not change are shared, not copied; `target` must lie within `held`.
+    LoRA adapters are sliced with the weight they adapt (B's rows with W's rows, A's columns
+    with W's columns). Tensors missing from `state` are skipped, so a residual or update that
+    covers only some tensors slices too. Tensors that do not change are shared, not copied;
+    `target` must lie within `held`.
     """
     if not target.within(held):
         raise ValueError("a pruning mask can only remove heads and channels, not bring them back")
@@ -133,19 +136,24 @@ def slice_state(
         if len(heads) != len(held.heads[layer]):
             rows = torch.tensor([h * hd + i for h in heads for i in range(hd)])
             for proj in ("q", "k", "v"):
-                name = _ATTN.format(layer, proj)
-                out[name] = state[name].index_select(0, rows).contiguous()
-            name = _ATTN.format(layer, "o")
-            out[name] = state[name].index_select(1, rows).contiguous()
+                _cut(out, _ATTN.format(layer, proj), 0, rows)
+            _cut(out, _ATTN.format(layer, "o"), 1, rows)
         channels = _positions(target.channels[layer], held.channels[layer])
         if len(channels) != len(held.channels[layer]):
             index = torch.tensor(channels)
             for proj in ("gate", "up"):
-                name = _MLP.format(layer, proj)
-                out[name] = state[name].index_select(0, index).contiguous()
-            name = _MLP.format(layer, "down")
-            out[name] = state[name].index_select(1, index).contiguous()
+                _cut(out, _MLP.format(layer, proj), 0, index)
+            _cut(out, _MLP.format(layer, "down"), 1, index)
     return out
+
+
+def _cut(state: dict[str, torch.Tensor], weight: str, dim: int, index: torch.Tensor) -> None:
+    """Keep `index` along `dim` of `weight` (rows: 0, columns: 1) and of its LoRA adapter."""
+    prefix = weight.removesuffix(".weight")
+    adapter = f"{prefix}.lora_b.weight" if dim == 0 else f"{prefix}.lora_a.weight"
+    for name in (weight, adapter):
+        if name in state:
+            state[name] = state[name].index_select(dim, index).contiguous()
 
 
 def slice_model(model: GLM, args: GLMArgs, held: Mask, target: Mask) -> GLM:

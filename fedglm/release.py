@@ -28,6 +28,7 @@ from fedglm.data import SiteData, encode, load_records, split_records
 from fedglm.distill import distill, make_student
 from fedglm.errors import CheckFailed, InputError
 from fedglm.export.onnx import OnnxLM, check_parity, convert_fp16, export_onnx, quantize_int8
+from fedglm.lora import merge_adapters
 from fedglm.model import GLM, count_parameters, describe, load_model, save_model
 from fedglm.modelcard import DISTILL_REPORT, EXPORT_REPORT, RELEASE_DIR, read_run_spec, write_card
 from fedglm.pruning import Mask
@@ -41,15 +42,17 @@ ENGINE_FILE = "model.plan"
 
 
 def final_model(run_dir: Path) -> GLM:
-    """The run's last global model, sliced as pruning left it."""
+    """The run's last global model, sliced as pruning left it (LoRA adapters merged in)."""
     spec = read_run_spec(run_dir)
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is None:
         raise InputError(f"{run_dir} has no checkpoint: no round has finished yet")
-    args = spec.federation.model.glm_args()
+    fed = spec.federation
+    args = fed.model.glm_args()
     mask = Mask.from_json(checkpoint.mask, args) if checkpoint.mask else Mask.full(args)
+    lora = fed.train.lora_spec(fed.model.init_seed)
     model = GLM(mask.shape(args))
-    model.load_state_dict(checkpoint.state)
+    model.load_state_dict(checkpoint.state if lora is None else merge_adapters(checkpoint.state, lora.scale))
     return model.eval()
 
 

@@ -20,9 +20,10 @@ from fedglm.atomic import atomic_write_text
 from fedglm.certs import make_certificates
 from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import start_supernode
-from fedglm.config import DataConfig, ShareConfig, SimulateConfig, SiteSpec
+from fedglm.config import DataConfig, FederationConfig, PretrainConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
 from fedglm.modelcard import RELEASE_DIR
+from fedglm.pretrain import BASE_FILE, OtherConfigState, federation_from_base, pretrain
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
@@ -153,6 +154,30 @@ def local_stack(
             process.stop()
 
 
+def simulation_federation(
+    config: SimulateConfig, out_dir: Path, on_status: Callable[[str], None]
+) -> FederationConfig:
+    """The federation to run: from `federation.base`, or else (with a `pretrain` section) from
+    a base pretrained into `<out>/base/` on generated public text, kept there and reused."""
+    fed = config.federation
+    if fed.base is None and config.pretrain is not None:
+        folder = out_dir / "base"
+        settings = {**config.pretrain.model_dump(), "model": fed.model.model_dump(), "out_dir": folder}
+        cfg = PretrainConfig.model_validate(settings)
+        on_status(f"pretraining the base model on public text ({cfg.steps} steps; kept in {folder})")
+        try:
+            manifest = pretrain(cfg)
+        except OtherConfigState:
+            shutil.rmtree(folder)
+            manifest = pretrain(cfg)
+        on_status(
+            f"base model {manifest['model_hash'][:16]}...: held-out loss {manifest['final']['val_loss']:.4f} "
+            "on public text"
+        )
+        fed = fed.model_copy(update={"base": folder / BASE_FILE})
+    return federation_from_base(fed)
+
+
 def run_simulation(
     config: SimulateConfig,
     out_dir: Path,
@@ -174,9 +199,10 @@ def run_simulation(
     ensure_signing_keys(sites)
     for site in sites:
         on_status(describe_site_data(site))  # bad data fails here, before anything starts
+    federation = simulation_federation(config, out_dir, on_status)
     with local_stack(sites, out_dir, on_status=on_status) as stack:
-        on_status(f"running {config.federation.rounds} rounds")
-        spec_path = write_spec(out_dir, config.federation, resume=False)
+        on_status(f"running {federation.rounds} rounds")
+        spec_path = write_spec(out_dir, federation, resume=False)
         rows = execute_run(
             superlink=stack.superlink,
             address=stack.address,

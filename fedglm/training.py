@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,6 +63,19 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; expected adamw or sgd")
 
 
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, *, warmup: int, steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to a tenth of the rate at `steps`."""
+    warmup = max(1, warmup)
+
+    def factor(step: int) -> float:
+        decay = 0.1 + 0.45 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        return min(1.0, (step + 1) / warmup) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 @dataclass(frozen=True)
 class TrainStats:
     loss: float
@@ -84,8 +97,11 @@ def train_local(
     precision: ResolvedPrecision,
     grad_clip: float | None,
     device: torch.device,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    on_step: Callable[[float], None] | None = None,
 ) -> TrainStats:
-    """Run `steps` optimizer steps on `batches`; returns the mean training loss."""
+    """Run `steps` optimizer steps on `batches` (stepping `scheduler` after each, and calling
+    `on_step` with the step's loss); returns the mean training loss."""
     model.train()
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     total_loss, total_tokens = 0.0, 0
@@ -103,7 +119,12 @@ def train_local(
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        total_loss += float(loss.detach())
+        if scheduler is not None:
+            scheduler.step()
+        step_loss = float(loss.detach())
+        if on_step is not None:
+            on_step(step_loss)
+        total_loss += step_loss
         total_tokens += int((targets != IGNORE_INDEX).sum())
     seconds = time.perf_counter() - start
     return TrainStats(loss=total_loss / max(steps, 1), steps=steps, tokens=total_tokens, seconds=seconds)

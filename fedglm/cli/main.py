@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedglm.cli import audit, certs, client, keys, partition, release, server, simulate
+from fedglm.cli import audit, certs, client, keys, partition, pretrain, release, server, simulate
 
 app = typer.Typer(
     name="fedglm",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.command("simulate")(simulate.simulate)
 app.command("server")(server.server)
+app.command("pretrain")(pretrain.pretrain_command)
 app.command("client")(client.client)
 app.command("certs")(certs.certs)
 app.command("partition")(partition.partition)

@@ -13,6 +13,7 @@ from fedglm.config import CoordinatorConfig, load_config
 from fedglm.errors import InputError
 from fedglm.metrics import METRICS_NAME
 from fedglm.modelcard import RELEASE_DIR
+from fedglm.pretrain import federation_from_base
 from fedglm.release import public_text, release
 from fedglm.server.coordinator import execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, check_insecure_allowed, start_superlink
@@ -28,7 +29,7 @@ def server(
     """Start the SuperLink, submit the fedglm app, and follow it round by round."""
     cfg = load_config(config, CoordinatorConfig)
     tls = _tls(cfg, insecure, config)
-    fed = cfg.federation
+    fed = federation_from_base(cfg.federation)
     if cfg.release is not None:
         public_text(cfg.release)  # a missing or unreadable public text fails now, not after the run
     spec_path = write_spec(cfg.out_dir, fed, resume=cfg.resume, receipt_key=cfg.receipt_key)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -34,14 +35,16 @@ from flwr.common import log
 
 from fedglm import compression
 from fedglm.clients.state import HeldModel, load_held, load_residual, save_held, save_residual
-from fedglm.clients.sync import parse_mask, prune_held, receive_model
+from fedglm.clients.sync import check_pinned_base, parse_mask, prune_held, receive_model
 from fedglm.compression import CODECS, NO_HASH, Header, Kind
 from fedglm.config import LinkConfig, ModelConfig, SiteSpec, TrainConfig, validate_config
 from fedglm.data import SiteData, encode, load_records, sample_batches, split_records
 from fedglm.errors import InputError
+from fedglm.lora import LoraSpec, adapter_state, add_adapters
 from fedglm.model import GLM
 from fedglm.payload import (
     ARRAYS_KEY,
+    BASE_HASH_KEY,
     CONFIG_KEY,
     LEDGER_KEY,
     METRICS_KEY,
@@ -71,6 +74,7 @@ from fedglm.pruning import MASK_KEY
 from fedglm.training import evaluate, make_optimizer, resolve_precision, steps_for, train_local
 
 SITE_KEY = "fedglm-site"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 SITE_NAME = "site-spec.json"
 
 app = ClientApp()
@@ -154,6 +158,7 @@ class Task:
     device: torch.device
     data: SiteData
     held: HeldModel | None
+    lora: LoraSpec | None = None
 
 
 def _task(message: Message, context: Context) -> Task:
@@ -164,7 +169,14 @@ def _task(message: Message, context: Context) -> Task:
         raise PayloadError(
             f"config '{MASK_KEY}' is {type(mask_text).__name__}, expected a string", "bad-mask"
         )
+    announced = config.get(BASE_HASH_KEY)
+    if announced is not None and not (isinstance(announced, str) and _HEX64.fullmatch(announced)):
+        raise PayloadError(f"config '{BASE_HASH_KEY}' is {announced!r}, expected 64 hex digits", "wrong-base")
+    check_pinned_base(site.base_hash, announced)
+    lora = train_cfg.lora_spec(model_cfg.init_seed)
     model = GLM(parse_mask(mask_text, model_cfg).shape(model_cfg.glm_args()))
+    if lora is not None:
+        add_adapters(model, lora)
     blob = read_payload(message.content)
     held = None
     if blob is None:
@@ -181,6 +193,8 @@ def _task(message: Message, context: Context) -> Task:
             model_cfg=model_cfg,
             shapes=expected_shapes(model),
             mask_text=mask_text,
+            lora=lora,
+            base_hash=bytes.fromhex(announced) if announced else None,
         )
         if held is not loaded:
             save_held(state_dir, held)
@@ -189,7 +203,7 @@ def _task(message: Message, context: Context) -> Task:
     if receipt is not None and site.privacy.enabled:
         _keep_receipt(site, receipt)
     device = _device()
-    return Task(site, config, model.to(device), train_cfg, seed, device, load_site_data(site), held)
+    return Task(site, config, model.to(device), train_cfg, seed, device, load_site_data(site), held, lora)
 
 
 def _keep_receipt(site: SiteSpec, receipt: ConfigRecord) -> None:
@@ -211,11 +225,12 @@ def _compressed_update(task: Task, server_round: int) -> tuple[bytes, dict[str, 
         source="round config from the coordinator",
     )
     trained = task.model.state_dict()
+    # With LoRA only the adapters train, and only they are sent; the base never leaves.
+    sent = task.held.state if task.lora is None else adapter_state(task.held.state)
     values = {
-        name: (trained[name].detach().float().cpu() - base).reshape(-1).numpy()
-        for name, base in task.held.state.items()
+        name: (trained[name].detach().float().cpu() - base).reshape(-1).numpy() for name, base in sent.items()
     }
-    shapes = {name: tuple(t.shape) for name, t in task.held.state.items()}
+    shapes = {name: tuple(t.shape) for name, t in sent.items()}
     state_dir, run = _state_dir(task.site), task.held.run
     residual = load_residual(state_dir, run, shapes)
     if residual is not None:

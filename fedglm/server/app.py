@@ -1,8 +1,9 @@
 """The fedglm ServerApp: runs inside Flower's `flwr-serverapp` process on the coordinator.
 
 `fedglm server` writes the run's spec (`run-spec.json`) into the run folder and passes its path
-as the run config value `fedglm-spec`. The app builds the model from the seed (or resumes from
-the folder's checkpoint), runs the rounds with `FedglmAvg`, and after every round writes the
+as the run config value `fedglm-spec`. The app builds the model from the seed or from
+the base model the config names (or resumes from the folder's checkpoint), adds LoRA adapters
+when sites train only those, runs the rounds with `FedglmAvg`, and after every round writes the
 checkpoint (atomically) and then the round's metrics line. A fresh run draws a random run key;
 clients keep their state (model copy, residual) under that key only.
 """
@@ -22,8 +23,10 @@ from fedglm import metrics
 from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec
 from fedglm.errors import InputError
+from fedglm.lora import add_adapters, is_adapter
 from fedglm.model import build_model, count_parameters
-from fedglm.payload import round_config
+from fedglm.payload import BASE_HASH_KEY, round_config
+from fedglm.pretrain import load_base
 from fedglm.privacy.keys import load_private_key
 from fedglm.pruning import Mask
 from fedglm.server.broadcast import Broadcast
@@ -55,15 +58,24 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
     fed = spec.federation
     out_dir = spec.out_dir
     args = fed.model.glm_args()
-    model = build_model(args, fed.model.init_seed)
-    fingerprint = model_fingerprint(fed.model.model_dump())
+    lora = fed.train.lora_spec(fed.model.init_seed)
+    base = load_base(fed.base) if fed.base is not None else None
+    model = base.model if base is not None else build_model(args, fed.model.init_seed)
+    dense_bytes = 4 * count_parameters(model)  # the unpruned model, dense, without adapters
+    if lora is not None:
+        add_adapters(model, lora)
+    trainable = [name for name in model.state_dict() if is_adapter(name)] if lora else None
+    fingerprint = model_fingerprint(fed.model.model_dump(), base=base.hash if base else None, lora=lora)
     first_round = 1
     mask = Mask.full(args)
     checkpoint = load_checkpoint(out_dir) if spec.resume else None
     if checkpoint is not None:
         if checkpoint.fingerprint != fingerprint:
-            raise InputError(f"{out_dir}: its checkpoint is of another model shape; use a new out_dir")
-        broadcast = Broadcast(checkpoint.state, residual=checkpoint.residual)
+            raise InputError(
+                f"{out_dir}: its checkpoint is of another model shape, base model or adapter setting; "
+                "use a new out_dir"
+            )
+        broadcast = Broadcast(checkpoint.state, residual=checkpoint.residual, trainable=trainable)
         run_key = checkpoint.run_key
         first_round = checkpoint.round + 1
         if checkpoint.mask:
@@ -71,7 +83,8 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         metrics.truncate_after(out_dir, checkpoint.round)
         log(INFO, "Resuming from the checkpoint of round %d", checkpoint.round)
     else:
-        broadcast = Broadcast(dict(model.state_dict()), initial=True)
+        # From a base, the first model a node gets is FULL (the base, sent once); else INIT.
+        broadcast = Broadcast(dict(model.state_dict()), initial=base is None, trainable=trainable)
         run_key = secrets.token_hex(8)
         if (out_dir / metrics.METRICS_NAME).exists():
             metrics.truncate_after(out_dir, 0)
@@ -93,6 +106,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         model_args=args,
         pruning=fed.pruning,
         mask=mask,
+        lora_scale=lora.scale if lora else None,
     )
     strategy.summary()
 
@@ -112,13 +126,15 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         log(INFO, "round %d: %s", server_round, row)
 
     train_config = round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)
+    if base is not None:
+        train_config[BASE_HASH_KEY] = base.hash  # sites check what they receive against it
     last = run_rounds(
         grid,
         strategy,
         first_round=first_round,
         last_round=fed.rounds,
         train_config=ConfigRecord({**train_config, "rounds": fed.rounds}),
-        dense_model_bytes=4 * count_parameters(model),  # the unpruned model, dense
+        dense_model_bytes=dense_bytes,
         timeout=fed.round_timeout_s,
         on_round=persist,
     )

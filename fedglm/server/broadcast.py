@@ -11,13 +11,17 @@ What a node is sent depends on what it is known to hold (learnt from its last go
 - anything else, or unknown: INIT while B is still the seed-built initial model, else FULL.
 A node that answers `stale-model` is forgotten and sent FULL.
 
+With LoRA adapters (`trainable`: the adapter tensors), only those tensors move: updates, the
+residual and every DELTA cover them alone, and the frozen base reaches a node only inside a
+FULL model, the first time.
+
 Pruning (`reshape`) slices B and e the way every site slices its own copy when it reads the new
 mask, so a node that held B holds the sliced B once it has applied the mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TypeAlias
 
 import numpy as np
@@ -37,10 +41,12 @@ class Broadcast:
         *,
         residual: dict[str, torch.Tensor] | None = None,
         initial: bool = False,
+        trainable: Collection[str] | None = None,
     ) -> None:
         self.state = {name: t.detach().to(torch.float32).contiguous().clone() for name, t in state.items()}
+        self.trainable = list(self.state) if trainable is None else [n for n in self.state if n in trainable]
         self.shapes = {name: tuple(t.shape) for name, t in self.state.items()}
-        self.residual = residual or {name: torch.zeros_like(t) for name, t in self.state.items()}
+        self.residual = residual or {name: torch.zeros_like(self.state[name]) for name in self.trainable}
         self.hash = model_hash(self.state)
         self.initial = initial
         self.previous: bytes | None = None
@@ -103,6 +109,11 @@ class Broadcast:
         self.previous = self.delta = None
         self._cache.clear()
 
+    @property
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes of the tensors an update (and a DELTA) may carry."""
+        return {name: self.shapes[name] for name in self.trainable}
+
     def advance(
         self,
         update: Mapping[str, np.ndarray],
@@ -113,10 +124,11 @@ class Broadcast:
         selection: Selection,
     ) -> None:
         """Move B by the compressed `update` + residual; `update` (flat fp32) is consumed."""
-        values = {name: update[name] for name in self.shapes}
+        shapes = self.update_shapes
+        values = {name: update[name] for name in shapes}
         for name, array in values.items():
             array += self.residual[name].view(-1).numpy()
-        table, decoded = encode_tensors(values, self.shapes, codec, density=density, selection=selection)
+        table, decoded = encode_tensors(values, shapes, codec, density=density, selection=selection)
         for name, array in values.items():
             self.residual[name].view(-1).numpy()[:] = array
         apply(self.state, decoded)

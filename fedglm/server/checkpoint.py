@@ -27,8 +27,15 @@ FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)  # format 2: before pruning, always unpruned
 
 
-def model_fingerprint(model_config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:16]
+def model_fingerprint(model_config: dict[str, Any], *, base: str | None = None, lora: Any = None) -> str:
+    """What a resumed run must share with the checkpoint: the model's shape, and (when set) the
+    base model's hash and the LoRA adapters' settings."""
+    described = dict(model_config)
+    if base is not None:
+        described["base"] = base
+    if lora is not None:
+        described["lora"] = repr(lora)
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ payloads (`compression/FORMAT.md`), never the model as dense tensors.
 - With DP required (the default), an update is accepted only with a ledger entry that matches
   it (`countersign.py`); the coordinator countersigns it and sends the receipt back. A site
   that declines a round (its budget would be exceeded) is not selected for training again.
-- At the rounds of the pruning schedule, the global model is ranked and sliced before the
-  round's messages are built (`fedglm/pruning.py`); every later message carries the mask.
+- At the rounds of the pruning schedule, the global model (with LoRA: merged with its
+  adapters) is ranked and sliced before the round's messages are built (`fedglm/pruning.py`);
+  every later message carries the mask.
 - Weights are uniform by default, because a site's record count is private; a coordinator may
   ask for record-count weights, used only in a round where every replying site declared its
   count public.
@@ -36,6 +37,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedglm.compression import CODECS, Kind, PayloadError, check_header, decode
 from fedglm.config import CompressionConfig, PruningConfig
+from fedglm.lora import merge_adapters
 from fedglm.model import GLMArgs
 from fedglm.payload import (
     ARRAYS_KEY,
@@ -71,6 +73,7 @@ class FedglmAvg:
         model_args: GLMArgs | None = None,
         pruning: PruningConfig | None = None,
         mask: Mask | None = None,
+        lora_scale: float | None = None,
     ) -> None:
         if require_dp and countersigner is None:
             raise ValueError("require_dp needs a countersigner")
@@ -88,11 +91,12 @@ class FedglmAvg:
         self.model_args = model_args
         self.pruning = pruning or PruningConfig()
         self.mask = mask or (Mask.full(model_args) if model_args is not None else None)
+        self.lora_scale = lora_scale  # set when sites train LoRA adapters: rank the merged model
         self._allocate()
 
     def _allocate(self) -> None:
         self._sum = {
-            name: np.zeros(math.prod(s), dtype=np.float32) for name, s in self.broadcast.shapes.items()
+            name: np.zeros(math.prod(s), dtype=np.float32) for name, s in self.broadcast.update_shapes.items()
         }
 
     @property
@@ -107,7 +111,9 @@ class FedglmAvg:
         if step is None or self.mask is None or self.model_args is None:
             return
         args, held = self.model_args, self.mask
-        target = choose_mask(self.broadcast.state, args, held, heads=step.heads, channels=step.channels)
+        state = self.broadcast.state
+        ranked = state if self.lora_scale is None else merge_adapters(state, self.lora_scale)
+        target = choose_mask(ranked, args, held, heads=step.heads, channels=step.channels)
         if target == held:
             return
         self.broadcast.reshape(lambda state: slice_state(state, args, held, target))
@@ -217,7 +223,7 @@ class FedglmAvg:
                 blob = read_payload(reply.content)
                 if blob is None:
                     raise PayloadError("the reply carries dense tensors, not a fedglm payload", "bad-record")
-                header, tensors = decode(blob, self.broadcast.shapes)
+                header, tensors = decode(blob, self.broadcast.update_shapes)
                 check_header(header, kind=Kind.UPDATE, round=server_round, base=self.broadcast.hash)
                 self._countersign(reply, blob, server_round)
             except PayloadError as exc:

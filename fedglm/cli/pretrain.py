@@ -1,0 +1,44 @@
+"""`fedglm pretrain`: train the federation's base model on public text (coordinator side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fedglm.cli.common import reports_errors
+from fedglm.cli.progress import console, status
+from fedglm.config import PretrainConfig, load_config
+from fedglm.pretrain import BASE_FILE, MANIFEST_FILE, pretrain
+
+
+@reports_errors
+def pretrain_command(
+    config: Annotated[Path, typer.Option(help="Pretraining YAML (see server/pretrain.yaml).")],
+) -> None:
+    """Train a base model on public text only; resumable; writes base.pt and base.json."""
+    cfg = load_config(config, PretrainConfig)
+    status(f"pretraining a {cfg.model.preset} model on public text for {cfg.steps} steps into {cfg.out_dir}")
+    with Progress(
+        TextColumn("pretrain"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("held-out {task.fields[val]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("pretrain", total=cfg.steps, loss="-", val="-")
+        manifest = pretrain(
+            cfg,
+            on_step=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.3f}"),
+            on_checkpoint=lambda step, val: bar.update(task, completed=step, val=f"{val.loss:.3f}"),
+        )
+    final = manifest["final"]
+    status(
+        f"base model: {manifest['parameters']:,} parameters, {manifest['steps']} steps, held-out loss "
+        f"{final['val_loss']:.4f} ({final['val_bits_per_byte']:.4f} bits/byte); hash {manifest['model_hash']}"
+    )
+    status(f"wrote {cfg.out_dir / BASE_FILE} and {cfg.out_dir / MANIFEST_FILE}")
