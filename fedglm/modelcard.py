@@ -1,6 +1,9 @@
 """The model card beside the exported files: `MODEL_CARD.md` for people, `model_card.json` for tools.
 
 Built only from what the run folder records, so every figure is measured, none typed in:
+- the base model's provenance (`base.json`, the manifest of `fedglm pretrain` copied into the
+  run folder: hash, input files and their SHA-256, steps) and how it was fine-tuned (all
+  weights, or LoRA adapters merged after the run);
 - architecture and sizes: the configured model, the pruned global model (`checkpoint.pt`), the
   student (`release/distill.json`);
 - validation: the sites' last federated evaluation (where they declared losses public) and the
@@ -20,9 +23,10 @@ from typing import Any
 
 from fedglm import metrics
 from fedglm.atomic import atomic_write_text
-from fedglm.config import RunSpec
+from fedglm.config import RunSpec, TrainConfig
 from fedglm.errors import InputError
 from fedglm.model import GLM, describe
+from fedglm.pretrain import MANIFEST_FILE as BASE_MANIFEST
 from fedglm.pruning import Mask
 from fedglm.server.app import SPEC_NAME
 from fedglm.server.checkpoint import load_checkpoint
@@ -87,6 +91,8 @@ def build_card(run_dir: Path) -> dict[str, Any]:
             "downlink": fed.compression.downlink.model_dump(),
             "pruning_schedule": [s.model_dump() for s in fed.pruning.schedule],
         },
+        "base_model": _base_model(run_dir, fed.base),
+        "fine_tuning": _fine_tuning(fed.train),
         "architecture": {
             "configured": describe(GLM(args)),
             "pruned": describe(GLM(mask.shape(args))),
@@ -116,6 +122,34 @@ def build_card(run_dir: Path) -> dict[str, Any]:
             "post_processing": "pruning, distillation and export read only the aggregated model and "
             "public text; they spend no privacy",
         },
+    }
+
+
+def _base_model(run_dir: Path, base: Path | None) -> dict[str, Any] | None:
+    """The provenance of the run's base model, from the manifest copy in the run folder."""
+    if base is None:
+        return None
+    manifest = _json(run_dir / BASE_MANIFEST)
+    if manifest is None:
+        return {"path": str(base), "manifest": "missing from the run folder"}
+    return {
+        "path": str(base),
+        "hash": manifest["model_hash"],
+        "public_data_only": manifest["public_data_only"],
+        "inputs": manifest["inputs"],
+        "steps": manifest["steps"],
+        "held_out": manifest["final"],
+    }
+
+
+def _fine_tuning(train: TrainConfig) -> dict[str, Any]:
+    if train.adapters == "full":
+        return {"method": "full: every weight trained and sent"}
+    return {
+        "method": "lora: only adapters trained and sent, merged into the weights after the run",
+        "rank": train.lora_rank,
+        "alpha": train.lora_alpha,
+        "targets": list(train.lora_targets),
     }
 
 
@@ -151,8 +185,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     out += [
         "",
         f"Federation: {fed['rounds_finished']} of {fed['rounds_planned']} rounds; pruning schedule "
-        f"{fed['pruning_schedule'] or 'none'}.",
+        f"{fed['pruning_schedule'] or 'none'}; fine-tuning: {card['fine_tuning']['method']}.",
         "",
+        *_render_base(card["base_model"]),
         "## Validation",
         "",
     ]
@@ -214,6 +249,27 @@ def render_markdown(card: dict[str, Any]) -> str:
             "privacy guarantee."
         )
     return "\n".join(out) + "\n"
+
+
+def _render_base(base: dict[str, Any] | None) -> list[str]:
+    if base is None:
+        return ["Start: random weights (no base model).", ""]
+    if "hash" not in base:
+        return [f"Start: base model {base['path']} (its manifest is {base['manifest']}).", ""]
+    sources = "; ".join(
+        f"{i['path']} (SHA-256 {i['sha256'][:16]}..., {i['records']:,} records)"
+        if "sha256" in i
+        else f"generated public notes ({i['records']:,} records)"
+        for i in base["inputs"]
+    )
+    return [
+        "## Base model",
+        "",
+        f"- Hash {base['hash']}; pretrained for {base['steps']} steps on public text only: {sources}.",
+        f"- Held-out public text after pretraining: loss {_fmt(base['held_out']['val_loss'])}, "
+        f"{_fmt(base['held_out']['val_bits_per_byte'])} bits/byte.",
+        "",
+    ]
 
 
 def write_card(run_dir: Path) -> tuple[Path, Path]:

@@ -10,6 +10,7 @@ clients keep their state (model copy, residual) under that key only.
 
 from __future__ import annotations
 
+import json
 import secrets
 from logging import INFO
 from pathlib import Path
@@ -26,7 +27,7 @@ from fedglm.errors import InputError
 from fedglm.lora import add_adapters, is_adapter
 from fedglm.model import build_model, count_parameters
 from fedglm.payload import BASE_HASH_KEY, round_config
-from fedglm.pretrain import load_base
+from fedglm.pretrain import MANIFEST_FILE, load_base
 from fedglm.privacy.keys import load_private_key
 from fedglm.pruning import Mask
 from fedglm.server.broadcast import Broadcast
@@ -60,6 +61,8 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
     args = fed.model.glm_args()
     lora = fed.train.lora_spec(fed.model.init_seed)
     base = load_base(fed.base) if fed.base is not None else None
+    if base is not None:  # the run folder keeps the base's provenance for the model card
+        atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(base.manifest, indent=2) + "\n")
     model = base.model if base is not None else build_model(args, fed.model.init_seed)
     dense_bytes = 4 * count_parameters(model)  # the unpruned model, dense, without adapters
     if lora is not None:

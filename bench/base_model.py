@@ -1,0 +1,173 @@
+"""What a public base model buys: final validation loss from random weights against from a base,
+without DP and at epsilon 8 and 3, with full fine-tuning and with LoRA adapters.
+
+    python bench/base_model.py --data ../shared/data/mtsamples.csv \
+        --public ../shared/data/medquad.jsonl:answer \
+        --public ../shared/data/medical_tc_test.csv:medical_abstract \
+        [--seeds 3] [--pretrain-steps 1500] [--out runs/bench-base]
+
+1. Base: `fedglm pretrain` of bench/federated.yaml's model (tiny) on the public files given
+   (`PATH:FIELD`), kept in `<out>/base/` and resumed from there.
+2. MTSamples split into 4 hospitals by specialty (bench/federated.py's `make_sites`). One real
+   SuperLink and 4 SuperNodes (TLS, loopback) run every configuration with the rounds, local
+   steps and topk compression of bench/federated.yaml, for each seed:
+   start {random, base} x fine-tuning {full, lora} x DP {none, epsilon 8, epsilon 3}
+   (delta 1e-5, PRV, sigma calibrated to spend the budget over the run, q = batch / records).
+   Each configuration's sites get a fresh state folder (and ledger), so budgets never mix.
+Printed: final validation loss (mean and spread over seeds), its change against the same start
+and fine-tuning without DP, the epsilon the sites' ledgers reached, and upload bytes per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from federated import make_sites, run_once  # noqa: E402  (bench/federated.py, beside this script)
+
+from fedglm.app_bundle import fab_bytes  # noqa: E402
+from fedglm.atomic import atomic_write_text  # noqa: E402
+from fedglm.clients.app import SITE_NAME  # noqa: E402
+from fedglm.config import (  # noqa: E402
+    DataConfig,
+    FederationConfig,
+    PretrainConfig,
+    PrivacyConfig,
+    SiteSpec,
+    load_config,
+)
+from fedglm.pretrain import BASE_FILE, pretrain  # noqa: E402
+from fedglm.server.submit import ControlClient  # noqa: E402
+from fedglm.simulate import ensure_signing_keys, local_stack  # noqa: E402
+
+PRIVACY = {
+    "no DP": PrivacyConfig(enabled=False),
+    "eps 8": PrivacyConfig(epsilon=8.0, delta=1e-5),
+    "eps 3": PrivacyConfig(epsilon=3.0, delta=1e-5),
+}
+STARTS = ("random", "base")
+TUNING = ("full", "lora")
+WIDTHS = (9, 7, 9, 5, 11)
+
+
+def public_source(text: str) -> DataConfig:
+    path, _, field = text.rpartition(":")
+    if not path:
+        raise SystemExit(f"--public {text!r}: expected PATH:FIELD")
+    return DataConfig(path=Path(path).absolute(), field=field)
+
+
+def make_base(fed: FederationConfig, sources: list[DataConfig], steps: int, out: Path) -> Path:
+    cfg = PretrainConfig(
+        model=fed.model, text=sources, steps=steps, seq_len=fed.train.seq_len, out_dir=out / "base"
+    )
+    started = time.perf_counter()
+    manifest = pretrain(
+        cfg, on_checkpoint=lambda step, val: print(f"  step {step}: held-out loss {val.loss:.4f}")
+    )
+    print(
+        f"  base: {manifest['steps']} steps on {manifest['train_records']:,} public records, "
+        f"held-out loss {manifest['final']['val_loss']:.4f} ({time.perf_counter() - started:.0f} s)"
+    )
+    return cfg.out_dir / BASE_FILE
+
+
+def set_sites(sites: list[SiteSpec], out: Path, privacy: PrivacyConfig, run: str) -> None:
+    """Point every SuperNode's site spec at this configuration's privacy and a fresh state."""
+    for site in sites:
+        spec = site.model_copy(update={"privacy": privacy, "state_dir": out / "sites" / site.name / run})
+        ensure_signing_keys([spec])
+        atomic_write_text(out / "sites" / site.name / SITE_NAME, spec.model_dump_json(indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="MTSamples CSV")
+    parser.add_argument("--public", action="append", required=True, help="PATH:FIELD of public text")
+    parser.add_argument("--config", type=Path, default=ROOT / "bench" / "federated.yaml")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-base")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument(
+        "--lora-lr", type=float, default=None, help="learning rate with LoRA (default: the config's)"
+    )
+    parser.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS))
+    parser.add_argument("--tuning", nargs="+", choices=TUNING, default=list(TUNING))
+    parser.add_argument("--dp", nargs="+", choices=list(PRIVACY), default=list(PRIVACY))
+    args = parser.parse_args()
+    out = args.out.absolute()
+    fed = load_config(args.config, FederationConfig)
+    print("1. base model on public text")
+    base = make_base(fed, [public_source(p) for p in args.public], args.pretrain_steps, out)
+    sites = make_sites(args.data, out)
+    runs: dict[tuple[str, str, str], list[list[dict[str, Any]]]] = {}
+    print("2. federations on 4 MTSamples hospitals")
+    with local_stack(sites, out, on_status=print) as stack:
+        client = ControlClient(stack.address, stack.ca_cert)
+        fab = fab_bytes()
+        try:
+            for seed, start, tuning, dp in itertools.product(
+                range(args.seeds), args.starts, args.tuning, args.dp
+            ):
+                train = fed.train.model_copy(update={"adapters": tuning})
+                if tuning == "lora" and args.lora_lr is not None:
+                    train = train.model_copy(update={"lr": args.lora_lr})
+                update: dict[str, Any] = {"seed": seed, "train": train, "require_dp": dp != "no DP"}
+                if start == "base":
+                    update["base"] = base
+                federation = fed.model_copy(update=update)
+                name = f"{start}-{tuning}-{dp.replace(' ', '')}-seed{seed}"
+                set_sites(sites, out, PRIVACY[dp], name)
+                started = time.perf_counter()
+                rows = run_once(client, fab, federation, out / "runs" / name)
+                runs.setdefault((start, tuning, dp), []).append(rows)
+                eps = rows[-1].get("epsilon_max") or 0.0
+                up = statistics.fmean(r["upload_bytes"] for r in rows)
+                print(
+                    f"  {name:28s} val_loss {rows[-1]['val_loss']:.4f}  eps {eps:.2f}  "
+                    f"up/round {up:>10,.0f} B  ({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
+        finally:
+            client.close()
+    report(runs, fed, args.seeds)
+
+
+def report(
+    runs: dict[tuple[str, str, str], list[list[dict[str, Any]]]], fed: FederationConfig, seeds: int
+) -> None:
+    up = fed.compression.uplink
+    print(
+        f"\n4 hospitals, {fed.rounds} rounds x {fed.train.local_steps} local steps, model "
+        f"{fed.model.preset}, uplink {up.codec} {up.density:g}; means over {seeds} seed(s)"
+    )
+    header = ["val loss", "spread", "vs no DP", "eps", "up B/round"]
+    print(
+        f"{'start':7s} {'tuning':6s} {'DP':6s} "
+        + " ".join(f"{h:>{w}s}" for h, w in zip(header, WIDTHS, strict=True))
+    )
+    for (start, tuning, dp), seeded in runs.items():
+        finals = [rows[-1]["val_loss"] for rows in seeded]
+        loss = statistics.fmean(finals)
+        without = runs.get((start, tuning, "no DP"))
+        plain = statistics.fmean(rows[-1]["val_loss"] for rows in without) if without else float("nan")
+        eps = max((rows[-1].get("epsilon_max") or 0.0) for rows in seeded)
+        sent = statistics.fmean(statistics.fmean(r["upload_bytes"] for r in rows) for rows in seeded)
+        cells = [f"{loss:.4f}", f"{max(finals) - min(finals):.4f}", f"{loss / plain - 1:+.2%}", f"{eps:.2f}"]
+        cells.append(f"{sent:,.0f}")
+        print(
+            f"{start:7s} {tuning:6s} {dp:6s} "
+            + " ".join(f"{c:>{w}s}" for c, w in zip(cells, WIDTHS, strict=True))
+        )
+
+
+if __name__ == "__main__":
+    main()
