@@ -97,8 +97,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument(
-        "--lora-lr", type=float, default=None, help="learning rate with LoRA (default: the config's)"
+        "--base-lr", type=float, default=5e-4, help="learning rate of full fine-tuning from the base"
     )
+    parser.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of LoRA adapters")
     parser.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS))
     parser.add_argument("--tuning", nargs="+", choices=TUNING, default=list(TUNING))
     parser.add_argument("--dp", nargs="+", choices=list(PRIVACY), default=list(PRIVACY))
@@ -117,9 +118,10 @@ def main() -> None:
             for seed, start, tuning, dp in itertools.product(
                 range(args.seeds), args.starts, args.tuning, args.dp
             ):
-                train = fed.train.model_copy(update={"adapters": tuning})
-                if tuning == "lora" and args.lora_lr is not None:
-                    train = train.model_copy(update={"lr": args.lora_lr})
+                lr = fed.train.lr if start == "random" else args.base_lr
+                if tuning == "lora":
+                    lr = args.lora_lr
+                train = fed.train.model_copy(update={"adapters": tuning, "lr": lr})
                 update: dict[str, Any] = {"seed": seed, "train": train, "require_dp": dp != "no DP"}
                 if start == "base":
                     update["base"] = base

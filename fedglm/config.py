@@ -516,7 +516,7 @@ class SimulateConfig(_Section):
     # Unless federation.base names a base model: pretrain one of federation.model's shape on
     # generated public text into <out>/base/ (kept there and reused), and start from it.
     # null: start from random weights.
-    pretrain: PretrainConfig | None = PretrainConfig()
+    pretrain: PretrainConfig | None = PretrainConfig(steps=300)
 
     @model_validator(mode="after")
     def _enough_sites(self) -> SimulateConfig:

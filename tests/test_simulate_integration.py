@@ -80,7 +80,7 @@ def _run(tmp_path: Path, name: str, pruning: str) -> list[dict[str, object]]:
         "federation:\n  rounds: 3\n  min_clients: 2\n"
         "  train:\n    local_steps: 5\n    batch_size: 8\n    seq_len: 64\n"
         + pruning
-        + "generated:\n  sites: 2\n  records_per_site: 40\nrelease: null\n"
+        + "generated:\n  sites: 2\n  records_per_site: 40\nrelease: null\npretrain: null\n"
     )
     out = tmp_path / name
     result = CliRunner().invoke(app, ["simulate", "--config", str(config), "--out", str(out)])
@@ -104,7 +104,7 @@ def test_sites_decline_when_their_budget_is_spent_and_the_run_ends(tmp_path: Pat
     config.write_text(
         "federation:\n  rounds: 3\n  min_clients: 2\n"
         "  train:\n    local_steps: 5\n    batch_size: 8\n    seq_len: 64\n"
-        "generated:\n  sites: 2\n  records_per_site: 40\n"
+        "generated:\n  sites: 2\n  records_per_site: 40\npretrain: null\n"
         "privacy:\n  epsilon: 2.0\n  rounds: 1\n"
     )
     out = tmp_path / "run"
@@ -139,3 +139,32 @@ def _processes_mentioning(text: str) -> list[int]:
         if text in cmdline or text in environ:
             found.append(int(proc.name))
     return found
+
+
+def test_lora_from_a_pretrained_base_sends_only_adapters(tmp_path: Path) -> None:
+    config = tmp_path / "lora.yaml"
+    config.write_text(
+        "federation:\n  rounds: 2\n  min_clients: 2\n"
+        "  train:\n    local_steps: 5\n    batch_size: 8\n    seq_len: 64\n    lr: 0.002\n"
+        "    adapters: lora\n    lora_rank: 4\n"
+        "generated:\n  sites: 2\n  records_per_site: 40\n"
+        "pretrain:\n  steps: 40\n  batch_size: 8\n  seq_len: 64\n"
+        "release:\n  distill: {steps: 10}\n  export: {fp16: false}\n"
+    )
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["simulate", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rows] == [2, 2] and rows[-1]["rejected_updates"] == 0
+    # Uploads carry the adapters only (about 4% of the weights), compressed.
+    for row in rows:
+        assert 0 < row["upload_bytes"] * 50 < row["dense_upload_bytes"]
+    # The base goes down once (round 1: FULL); round 2 brings changes of the adapters only.
+    assert rows[1]["download_bytes"] * 5 < rows[0]["download_bytes"]
+    manifest = json.loads((out / "base" / "base.json").read_text())
+    card = json.loads((out / "release" / "model_card.json").read_text())
+    assert card["base_model"]["hash"] == manifest["model_hash"]
+    assert card["base_model"]["public_data_only"] is True
+    assert card["fine_tuning"]["method"].startswith("lora") and card["fine_tuning"]["rank"] == 4
+    assert card["export"]["parity"]["passed"] is True  # the merged model exports and matches
+    assert "## Base model" in (out / "release" / "MODEL_CARD.md").read_text()
