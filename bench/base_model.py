@@ -6,12 +6,13 @@ without DP and at epsilon 8 and 3, with full fine-tuning and with LoRA adapters.
         --public ../shared/data/medical_tc_test.csv:medical_abstract \
         [--seeds 3] [--pretrain-steps 1500] [--out runs/bench-base]
 
-1. Base: `fedglm pretrain` of bench/federated.yaml's model (tiny) on the public files given
+1. Base: `fedglm pretrain` of bench/base_model.yaml's model (tiny) on the public files given
    (`PATH:FIELD`), kept in `<out>/base/` and resumed from there.
 2. MTSamples split into 4 hospitals by specialty (bench/federated.py's `make_sites`). One real
    SuperLink and 4 SuperNodes (TLS, loopback) run every configuration with the rounds, local
-   steps and topk compression of bench/federated.yaml, for each seed:
+   steps, batch and topk compression of bench/base_model.yaml, for each seed:
    start {random, base} x fine-tuning {full, lora} x DP {none, epsilon 8, epsilon 3}
+   (LoRA from the base only: adapters on random frozen weights have nothing to adapt)
    (delta 1e-5, PRV, sigma calibrated to spend the budget over the run, q = batch / records).
    Each configuration's sites get a fresh state folder (and ledger), so budgets never mix.
 Printed: final validation loss (mean and spread over seeds), its change against the same start
@@ -88,11 +89,20 @@ def set_sites(sites: list[SiteSpec], out: Path, privacy: PrivacyConfig, run: str
         atomic_write_text(out / "sites" / site.name / SITE_NAME, spec.model_dump_json(indent=2) + "\n")
 
 
+def plan(starts: list[str], tuning: list[str], dps: list[str], seeds: int) -> list[tuple[str, str, str, int]]:
+    """Every configuration with all its seeds in turn, those of the target first (from the base,
+    without DP and at epsilon 8). LoRA adapters on random frozen weights are left out: there is
+    nothing to adapt."""
+    grid = [(s, t, d) for s, t, d in itertools.product(starts, tuning, dps) if (s, t) != ("random", "lora")]
+    grid.sort(key=lambda c: (c[0] != "base", c[2] == "eps 3", c[1], list(PRIVACY).index(c[2])))
+    return [(s, t, d, seed) for s, t, d in grid for seed in range(seeds)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="MTSamples CSV")
     parser.add_argument("--public", action="append", required=True, help="PATH:FIELD of public text")
-    parser.add_argument("--config", type=Path, default=ROOT / "bench" / "federated.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "bench" / "base_model.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-base")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
@@ -115,9 +125,7 @@ def main() -> None:
         client = ControlClient(stack.address, stack.ca_cert)
         fab = fab_bytes()
         try:
-            for seed, start, tuning, dp in itertools.product(
-                range(args.seeds), args.starts, args.tuning, args.dp
-            ):
+            for start, tuning, dp, seed in plan(args.starts, args.tuning, args.dp, args.seeds):
                 lr = fed.train.lr if start == "random" else args.base_lr
                 if tuning == "lora":
                     lr = args.lora_lr
@@ -141,6 +149,8 @@ def main() -> None:
         finally:
             client.close()
     report(runs, fed, args.seeds)
+    rates = f"random start {fed.train.lr:g}; base, full {args.base_lr:g}; base, LoRA {args.lora_lr:g}"
+    print(f"learning rates: {rates}")
 
 
 def report(

@@ -234,7 +234,9 @@ class FederationConfig(_Section):
 
     @model_validator(mode="after")
     def _window_fits(self) -> FederationConfig:
-        if self.train.seq_len > self.model.max_seq_len:
+        shape_from_base = self.base is not None and "model" not in self.model_fields_set
+        # (a base's shape is checked once it is read: `pretrain.federation_from_base`)
+        if not shape_from_base and self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )

@@ -7,6 +7,7 @@ from fedglm.config import (
     FederationConfig,
     HospitalConfig,
     ModelConfig,
+    PretrainConfig,
     SimulateConfig,
     UplinkConfig,
     load_config,
@@ -30,6 +31,8 @@ def write(tmp_path: Path, text: str) -> Path:
         (ROOT / "bench" / "mtsamples-4sites.yaml", SimulateConfig),
         (ROOT / "bench" / "round_overhead.yaml", SimulateConfig),
         (ROOT / "bench" / "federated.yaml", FederationConfig),
+        (ROOT / "server" / "pretrain.yaml", PretrainConfig),
+        (ROOT / "bench" / "base_model.yaml", FederationConfig),
     ],
 )
 def test_every_shipped_yaml_loads(path: Path, cls: type) -> None:
@@ -44,6 +47,8 @@ def test_every_shipped_yaml_is_listed_above() -> None:
         "bench/mtsamples-4sites.yaml",
         "bench/round_overhead.yaml",
         "bench/federated.yaml",
+        "server/pretrain.yaml",
+        "bench/base_model.yaml",
     }
 
 

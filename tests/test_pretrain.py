@@ -112,3 +112,6 @@ def test_a_federation_takes_the_base_models_shape(tmp_path: Path) -> None:
     other = FederationConfig.model_validate({"base": tmp_path / BASE_FILE, "model": {"preset": "tiny"}})
     with pytest.raises(InputError, match="is not the shape of the base model"):
         federation_from_base(other)
+    too_long = FederationConfig.model_validate({"base": tmp_path / BASE_FILE, "train": {"seq_len": 128}})
+    with pytest.raises(InputError, match=r"train.seq_len \(128\) exceeds model.max_seq_len \(64\)"):
+        federation_from_base(too_long)
