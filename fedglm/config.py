@@ -505,9 +505,12 @@ class GeneratedCorpusConfig(_Section):
 class SimulateConfig(_Section):
     """`fedglm simulate`: the whole federation on 127.0.0.1; sites from files or generated."""
 
-    # The default prunes a quarter of the heads and channels at round 2; round 3 recovers.
+    # The default fine-tunes the pretrained base (hence the lower learning rate) and prunes a
+    # quarter of the SwiGLU channels at round 2; round 3 recovers.
     federation: FederationConfig = FederationConfig(
-        min_clients=3, pruning=PruningConfig(schedule=[PruneStep(round=2, heads=0.25, channels=0.25)])
+        min_clients=3,
+        train=TrainConfig(lr=5e-4),
+        pruning=PruningConfig(schedule=[PruneStep(round=2, channels=0.25)]),
     )
     sites: list[SiteSpec] | None = None
     generated: GeneratedCorpusConfig = GeneratedCorpusConfig()

@@ -20,7 +20,7 @@ def test_simulate_two_sites_two_rounds(tmp_path: Path) -> None:
     config.write_text(
         "federation:\n  rounds: 2\n  min_clients: 2\n"
         "  train:\n    local_steps: 15\n    batch_size: 8\n    seq_len: 64\n"
-        "generated:\n  sites: 2\n  records_per_site: 40\n"
+        "generated:\n  sites: 2\n  records_per_site: 40\npretrain: null\n"
     )
     out = tmp_path / "run"
 
