@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shutil
 import statistics
 import sys
 import time
@@ -84,7 +85,9 @@ def make_base(fed: FederationConfig, sources: list[DataConfig], steps: int, out:
 def set_sites(sites: list[SiteSpec], out: Path, privacy: PrivacyConfig, run: str) -> None:
     """Point every SuperNode's site spec at this configuration's privacy and a fresh state."""
     for site in sites:
-        spec = site.model_copy(update={"privacy": privacy, "state_dir": out / "sites" / site.name / run})
+        state = out / "sites" / site.name / run
+        shutil.rmtree(state, ignore_errors=True)  # a ledger left by an earlier bench run would decline
+        spec = site.model_copy(update={"privacy": privacy, "state_dir": state})
         ensure_signing_keys([spec])
         atomic_write_text(out / "sites" / site.name / SITE_NAME, spec.model_dump_json(indent=2) + "\n")
 
@@ -138,6 +141,8 @@ def main() -> None:
                 set_sites(sites, out, PRIVACY[dp], name)
                 started = time.perf_counter()
                 rows = run_once(client, fab, federation, out / "runs" / name)
+                if not rows:
+                    raise SystemExit(f"{name}: no round finished (see {out / 'runs' / name})")
                 runs.setdefault((start, tuning, dp), []).append(rows)
                 eps = rows[-1].get("epsilon_max") or 0.0
                 up = statistics.fmean(r["upload_bytes"] for r in rows)
