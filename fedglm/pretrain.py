@@ -42,6 +42,7 @@ from fedglm.errors import InputError
 from fedglm.model import GLM, build_model, count_parameters, load_model, save_model
 from fedglm.training import (
     EvalStats,
+    ResolvedPrecision,
     evaluate,
     make_optimizer,
     resolve_precision,
@@ -174,7 +175,8 @@ def pretrain(
         if on_checkpoint is not None:
             on_checkpoint(step, val)
     model = model.cpu().eval()
-    final = _held_out(model, held_out, cfg, precision, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    final = _held_out(model, held_out, cfg, resolve_precision(cfg.precision, cpu), cpu)
     save_model(cfg.out_dir / BASE_FILE, model)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -196,7 +198,11 @@ def pretrain(
 
 
 def _held_out(
-    model: GLM, records: list[list[int]], cfg: PretrainConfig, precision: Any, device: torch.device
+    model: GLM,
+    records: list[list[int]],
+    cfg: PretrainConfig,
+    precision: ResolvedPrecision,
+    device: torch.device,
 ) -> EvalStats:
     return evaluate(model, records, seq_len=cfg.seq_len, batch_size=32, precision=precision, device=device)
 

@@ -74,8 +74,8 @@ from fedglm.pruning import MASK_KEY
 from fedglm.training import evaluate, make_optimizer, resolve_precision, steps_for, train_local
 
 SITE_KEY = "fedglm-site"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 SITE_NAME = "site-spec.json"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 app = ClientApp()
 
