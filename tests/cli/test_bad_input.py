@@ -182,3 +182,25 @@ def test_second_server_on_a_port_in_use(tmp_path: Path, superlink: int, certs: C
         f"server_cert: {certs.server_cert}, server_key: {certs.server_key}}}\n"
     )
     assert_one_line(*run("server", "--config", str(config)), "already in use")
+
+
+def test_pretrain_bad_inputs(tmp_path: Path) -> None:
+    config = tmp_path / "p.yaml"
+    config.write_text(f"text:\n  - {{path: {tmp_path / 'missing.jsonl'}, field: answer}}\nout_dir: out\n")
+    assert_one_line(*run("pretrain", "--config", str(config)), "missing.jsonl", "does not exist")
+    config.write_text("model: {preset: tiny}\nseq_len: 512\n")
+    assert_one_line(
+        *run("pretrain", "--config", str(config)), "seq_len (512) exceeds model.max_seq_len (128)"
+    )
+
+
+def test_a_server_config_naming_a_missing_base(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("host: 127.0.0.1\nfederation:\n  base: nowhere/base.pt\n")
+    assert_one_line(*run("server", "--config", str(config), "--insecure"), "nowhere/base.pt", "no manifest")
+
+
+def test_a_hospital_base_hash_that_is_not_a_hash(tmp_path: Path) -> None:
+    path = hospital(tmp_path)
+    path.write_text(path.read_text() + "base_hash: abc\n")
+    assert_one_line(*run("client", "--config", str(path)), "base_hash = 'abc'")
