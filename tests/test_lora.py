@@ -5,9 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedglm.lora import LORA_TARGETS, LoraSpec, adapter_state, add_adapters, is_adapter, merge_adapters
+from fedglm.lora import (
+    LORA_TARGETS,
+    LoraSpec,
+    adapter_state,
+    add_adapters,
+    base_state,
+    is_adapter,
+    merge_adapters,
+)
 from fedglm.model import GLM, GLMArgs, build_model
+from fedglm.privacy.dpsgd import DPMode, train_private
 from fedglm.pruning import Mask, choose_mask, slice_state
+from fedglm.training import make_optimizer
 
 ARGS = GLMArgs(d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32)
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=LORA_TARGETS, seed=3)
@@ -87,3 +97,26 @@ def test_a_residual_of_adapters_only_slices() -> None:
     assert sliced.keys() == state.keys()
     assert sliced["blocks.0.attn.q_proj.lora_b.weight"].shape == (16, 4)
     assert sliced["blocks.1.mlp.down_proj.lora_a.weight"].shape == (4, 24)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_sgd_trains_the_adapters_and_leaves_the_base_untouched(mode: DPMode) -> None:
+    model = add_adapters(build_model(ARGS, 0), LoraSpec(rank=2, alpha=4.0, targets=LORA_TARGETS, seed=1))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    records = [[256, *range(40 + i), 257] for i in range(30)]
+    train_private(
+        model,
+        records,
+        optimizer=make_optimizer(model, name="adamw", lr=1e-2, momentum=0.0, weight_decay=0.0),
+        q=0.3,
+        sigma=1.0,
+        clip_norm=1.0,
+        steps=3,
+        seq_len=16,
+        precision="fp32",
+        mode=mode,
+        device=torch.device("cpu"),
+    )
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in base_state(after))
+    assert all(not torch.equal(before[name], after[name]) for name in adapter_state(after))
