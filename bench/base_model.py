@@ -46,7 +46,9 @@ from fedglm.config import (  # noqa: E402
     SiteSpec,
     load_config,
 )
-from fedglm.pretrain import BASE_FILE, pretrain  # noqa: E402
+from fedglm.data import encode, load_records, split_records  # noqa: E402
+from fedglm.pretrain import BASE_FILE, load_base, pretrain  # noqa: E402
+from fedglm.release import held_out  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
 from fedglm.simulate import ensure_signing_keys, local_stack  # noqa: E402
 
@@ -80,6 +82,18 @@ def make_base(fed: FederationConfig, sources: list[DataConfig], steps: int, out:
         f"held-out loss {manifest['final']['val_loss']:.4f} ({time.perf_counter() - started:.0f} s)"
     )
     return cfg.out_dir / BASE_FILE
+
+
+def before_fine_tuning(base: Path, sites: list[SiteSpec], seq_len: int) -> float:
+    """The base's validation loss on the hospitals' validation records, averaged over the sites
+    as the federation's evaluation averages them: the loss every "base" run starts from."""
+    model = load_base(base).model
+    losses = []
+    for site in sites:
+        texts = load_records(site.data.path, site.data.format, site.data.field)
+        val = split_records(texts, site.data.val_fraction, site.data.split_seed).val
+        losses.append(held_out(model, [encode(t) for t in val], seq_len).loss)
+    return statistics.fmean(losses)
 
 
 def set_sites(sites: list[SiteSpec], out: Path, privacy: PrivacyConfig, run: str) -> None:
@@ -122,6 +136,8 @@ def main() -> None:
     print("1. base model on public text")
     base = make_base(fed, [public_source(p) for p in args.public], args.pretrain_steps, out)
     sites = make_sites(args.data, out)
+    start_loss = before_fine_tuning(base, sites, fed.train.seq_len)
+    print(f"  the base's validation loss on the hospitals' records, before fine-tuning: {start_loss:.4f}")
     runs: dict[tuple[str, str, str], list[list[dict[str, Any]]]] = {}
     print("2. federations on 4 MTSamples hospitals")
     with local_stack(sites, out, on_status=print) as stack:
@@ -154,6 +170,7 @@ def main() -> None:
         finally:
             client.close()
     report(runs, fed, args.seeds)
+    print(f"the base before fine-tuning: validation loss {start_loss:.4f}")
     rates = f"random start {fed.train.lr:g}; base, full {args.base_lr:g}; base, LoRA {args.lora_lr:g}"
     print(f"learning rates: {rates}")
 
