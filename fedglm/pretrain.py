@@ -37,7 +37,7 @@ from fedglm.atomic import atomic_write, atomic_write_text
 from fedglm.compression import model_hash
 from fedglm.config import DataConfig, FederationConfig, ModelConfig, PretrainConfig, validate_config
 from fedglm.corpus import generate_public_records
-from fedglm.data import encode, load_records, sample_batches, split_records
+from fedglm.data import encode, infer_format, load_records, sample_batches, split_records
 from fedglm.errors import InputError
 from fedglm.model import GLM, build_model, count_parameters, load_model, save_model
 from fedglm.training import (
@@ -87,7 +87,7 @@ def _source(data: DataConfig) -> tuple[list[str], list[str], dict[str, Any]]:
     split = split_records(records, data.val_fraction, data.split_seed)
     info = {
         "path": str(data.path),
-        "format": data.format or ("txt" if data.path.is_dir() else data.path.suffix.lstrip(".")),
+        "format": data.format or infer_format(data.path),
         "field": data.field,
         "sha256": file_digest(data.path),
         "records": len(records),
