@@ -164,8 +164,9 @@ class FedglmAvg:
         config["uplink.codec"] = up.codec
         config["uplink.density"] = up.density_for(server_round)
         config["uplink.selection"] = up.selection
-        if self.mask_json:
-            config[MASK_KEY] = self.mask_json
+        mask = self.mask_json
+        if mask:
+            config[MASK_KEY] = mask
         # Nodes sent the same payload share one content object (it is serialized once).
         contents: dict[int, RecordDict] = {}
         messages = []
