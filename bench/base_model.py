@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from federated import make_sites, run_once  # noqa: E402  (bench/federated.py, beside this script)
+from federated import make_sites, run_once, site_records  # noqa: E402  (bench/federated.py, beside this script)
 
 from fedglm.app_bundle import fab_bytes  # noqa: E402
 from fedglm.atomic import atomic_write_text  # noqa: E402
@@ -46,7 +46,6 @@ from fedglm.config import (  # noqa: E402
     SiteSpec,
     load_config,
 )
-from fedglm.data import encode, load_records, split_records  # noqa: E402
 from fedglm.pretrain import BASE_FILE, load_base, pretrain  # noqa: E402
 from fedglm.release import held_out  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
@@ -88,12 +87,7 @@ def before_fine_tuning(base: Path, sites: list[SiteSpec], seq_len: int) -> float
     """The base's validation loss on the hospitals' validation records, averaged over the sites
     as the federation's evaluation averages them: the loss every "base" run starts from."""
     model = load_base(base).model
-    losses = []
-    for site in sites:
-        texts = load_records(site.data.path, site.data.format, site.data.field)
-        val = split_records(texts, site.data.val_fraction, site.data.split_seed).val
-        losses.append(held_out(model, [encode(t) for t in val], seq_len).loss)
-    return statistics.fmean(losses)
+    return statistics.fmean(held_out(model, site_records(site)[1], seq_len).loss for site in sites)
 
 
 def set_sites(sites: list[SiteSpec], out: Path, privacy: PrivacyConfig, run: str) -> None:
@@ -124,9 +118,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument(
-        "--base-lr", type=float, default=5e-4, help="learning rate of full fine-tuning from the base"
+        "--base-lr", type=float, default=2e-3, help="learning rate of full fine-tuning from the base"
     )
-    parser.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of LoRA adapters")
+    parser.add_argument("--lora-lr", type=float, default=8e-3, help="learning rate of LoRA adapters")
     parser.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS))
     parser.add_argument("--tuning", nargs="+", choices=TUNING, default=list(TUNING))
     parser.add_argument("--dp", nargs="+", choices=list(PRIVACY), default=list(PRIVACY))

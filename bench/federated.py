@@ -42,6 +42,7 @@ from fedglm.config import (  # noqa: E402
     UplinkConfig,
     load_config,
 )
+from fedglm.data import encode, load_records, split_records  # noqa: E402
 from fedglm.partition import partition_csv  # noqa: E402
 from fedglm.server.app import SPEC_KEY  # noqa: E402
 from fedglm.server.coordinator import write_spec  # noqa: E402
@@ -82,6 +83,13 @@ def make_sites(data: Path, out: Path, privacy: PrivacyConfig | None = None) -> l
         )
         for i, part in enumerate(parts, start=1)
     ]
+
+
+def site_records(site: SiteSpec) -> tuple[list[list[int]], list[list[int]]]:
+    """A site's training and validation records, encoded, split as its ClientApp splits them."""
+    texts = load_records(site.data.path, site.data.format, site.data.field)
+    split = split_records(texts, site.data.val_fraction, site.data.split_seed)
+    return [encode(t) for t in split.train], [encode(t) for t in split.val]
 
 
 def run_once(
