@@ -45,9 +45,10 @@ from fedglm.data import sample_batches  # noqa: E402
 from fedglm.pretrain import load_base  # noqa: E402
 from fedglm.privacy.accounting import calibrate_sigma  # noqa: E402
 from fedglm.privacy.dpsgd import dp_precision, train_private  # noqa: E402
+from fedglm.privacy.site import round_steps  # noqa: E402
 from fedglm.release import held_out  # noqa: E402
 from fedglm.server.broadcast import Broadcast  # noqa: E402
-from fedglm.training import make_optimizer, resolve_precision, train_local  # noqa: E402
+from fedglm.training import make_optimizer, resolve_precision, steps_for, train_local  # noqa: E402
 
 DEVICE = torch.device("cpu")
 
@@ -64,7 +65,6 @@ def site_update(
     optimizer = make_optimizer(
         model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    steps = cfg.local_steps or 1
     precision = resolve_precision(cfg.precision, DEVICE)
     if sigma is None:
         batches = sample_batches(
@@ -77,20 +77,21 @@ def site_update(
             model,
             batches,
             optimizer=optimizer,
-            steps=steps,
+            steps=steps_for(cfg.local_steps, cfg.local_epochs, len(train), cfg.batch_size),
             precision=precision,
             grad_clip=cfg.grad_clip,
             device=DEVICE,
         )
         return
+    q = cfg.batch_size / len(train)
     train_private(
         model,
         train,
         optimizer=optimizer,
-        q=cfg.batch_size / len(train),
+        q=q,
         sigma=sigma,
         clip_norm=privacy.clip_norm,
-        steps=steps,
+        steps=round_steps(cfg.local_steps, cfg.local_epochs, q),
         seq_len=cfg.seq_len,
         precision=dp_precision(cfg.precision, precision, privacy.mode),
         mode=privacy.mode,
@@ -100,8 +101,10 @@ def site_update(
     )
 
 
-def site_sigma(privacy: PrivacyConfig, q: float, steps: int) -> float:
+def site_sigma(privacy: PrivacyConfig, fed: FederationConfig, n_train: int) -> float:
     """The noise multiplier a site calibrates: its whole budget over every step of the run."""
+    q = fed.train.batch_size / n_train
+    steps = fed.rounds * round_steps(fed.train.local_steps, fed.train.local_epochs, q)
     return calibrate_sigma(
         target_epsilon=privacy.epsilon, delta=privacy.delta, q=q, steps=steps, accountant=privacy.accountant
     )
@@ -112,24 +115,20 @@ def federation(
     sites: list[tuple[list[list[int]], list[list[int]]]],
     fed: FederationConfig,
     privacy: PrivacyConfig,
-    scale: float | None,
+    sigmas: list[float] | None,
     seed: int,
 ) -> float:
-    """Final validation loss of one run; `scale` None: without DP."""
+    """Final validation loss of one run with each site's noise multiplier; `sigmas` None: without DP."""
     cfg, up, down = fed.train, fed.compression.uplink, fed.compression.downlink
     broadcast = Broadcast(base.state_dict())
     names = broadcast.trainable
     shapes = broadcast.update_shapes
     residuals = [{name: np.zeros(int(np.prod(shapes[name])), np.float32) for name in names} for _ in sites]
-    steps = fed.rounds * (cfg.local_steps or 1)
-    sigmas = [
-        None if scale is None else scale * site_sigma(privacy, cfg.batch_size / len(t), steps)
-        for t, _ in sites
-    ]
+    noise: list[float | None] = [None] * len(sites) if sigmas is None else list(sigmas)
     losses: list[float] = []
     for server_round in range(1, fed.rounds + 1):
         total = {name: np.zeros(int(np.prod(shapes[name])), np.float32) for name in names}
-        for index, ((train, _), sigma) in enumerate(zip(sites, sigmas, strict=True)):
+        for index, ((train, _), sigma) in enumerate(zip(sites, noise, strict=True)):
             model = copy.deepcopy(base)
             model.load_state_dict(broadcast.state)
             site_update(model, train, cfg, sigma, privacy, seed=seed * 10_000 + server_round * 100 + index)
@@ -174,13 +173,15 @@ def main() -> None:
     base = load_base(args.base).model
     privacy = PrivacyConfig(epsilon=args.epsilon, delta=1e-5)
     sites = [site_records(site) for site in make_sites(args.data, args.out)]
+    calibrated = [site_sigma(privacy, fed, len(train)) for train, _ in sites]
     points: list[tuple[str, float | None]] = [("no DP", None)] + [(f"x{s:g}", s) for s in args.scales]
     results: dict[str, list[float]] = {}
     for label, scale in points:
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             started = time.perf_counter()
-            loss = federation(base, sites, fed, privacy, scale, seed)
+            sigmas = None if scale is None else [scale * sigma for sigma in calibrated]
+            loss = federation(base, sites, fed, privacy, sigmas, seed)
             results.setdefault(label, []).append(loss)
             print(
                 f"  noise {label:6s} seed {seed}: val_loss {loss:.4f} "
