@@ -96,6 +96,7 @@ def site_update(
         precision=dp_precision(cfg.precision, precision, privacy.mode),
         mode=privacy.mode,
         device=DEVICE,
+        expected_batch_size=float(cfg.batch_size),  # q x records, public in this bench
         sampling=torch.Generator().manual_seed(seed),
         noise=torch.Generator().manual_seed(seed + 1),
     )

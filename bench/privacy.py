@@ -100,6 +100,7 @@ class Stepper:
                 precision=self.precision,
                 mode=self.mode,
                 device=self.device,
+                expected_batch_size=float(len(self.records)),
             )
         if self.device.type == "cuda":
             torch.cuda.synchronize()

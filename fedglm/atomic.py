@@ -41,15 +41,28 @@ def append_json_line(path: Path, obj: dict[str, Any]) -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append `line` and a line end with a single write, then fsync."""
+    """Append `line` and a line end with a single write, then fsync (and the folder's entry
+    too when the file or its folders are new, so a crash cannot lose the file itself)."""
     data = (line + "\n").encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(path.parent)
+    new = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+    if new:  # the file's name must be as durable as its first line
+        _fsync_dir(path.parent)
+    for folder in created:
+        _fsync_dir(folder.parent)
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; the ones created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _fsync_dir(folder: Path) -> None:

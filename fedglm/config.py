@@ -64,13 +64,15 @@ class ModelConfig(_Section):
     """Shape of the GLM-style decoder. `preset` fills the sizes; explicit keys override it."""
 
     preset: Literal["tiny", "small", "base"] = "tiny"
-    d_model: int = Field(default=64, ge=8)
-    n_layers: int = Field(default=2, ge=1)
-    n_heads: int = Field(default=4, ge=1)
-    d_ff: int = Field(default=176, ge=8)
-    max_seq_len: int = Field(default=128, ge=8)
-    rope_base: float = Field(default=10000.0, gt=1.0)
-    norm_eps: float = Field(default=1e-5, gt=0.0)
+    # Upper bounds keep a config (a site reads the coordinator's) from asking for absurd
+    # sizes; what a site can actually hold is checked against its memory (`clients/limits.py`).
+    d_model: int = Field(default=64, ge=8, le=16384)
+    n_layers: int = Field(default=2, ge=1, le=256)
+    n_heads: int = Field(default=4, ge=1, le=256)
+    d_ff: int = Field(default=176, ge=8, le=131072)
+    max_seq_len: int = Field(default=128, ge=8, le=131072)
+    rope_base: float = Field(default=10000.0, gt=1.0, le=1e9)
+    norm_eps: float = Field(default=1e-5, gt=0.0, le=1.0)
     init_seed: int = 0
 
     def glm_args(self) -> GLMArgs:
@@ -101,17 +103,20 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """Local training on each site, sent by the coordinator to every client each round."""
 
+    # Upper bounds: a site runs what the coordinator sends, so nothing here may be infinite or
+    # absurd (an infinite learning rate, a billion steps); the steps of a DP round are bounded
+    # again after q is known (`MAX_ROUND_STEPS`).
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(default=3e-3, gt=0.0)
+    lr: float = Field(default=3e-3, gt=0.0, le=10.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    local_steps: int | None = Field(default=20, ge=1)
-    local_epochs: float | None = Field(default=None, gt=0.0)
-    batch_size: int = Field(default=16, ge=1)
-    seq_len: int = Field(default=128, ge=8)
-    grad_clip: float | None = Field(default=1.0, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=10.0)
+    local_steps: int | None = Field(default=20, ge=1, le=100_000)
+    local_epochs: float | None = Field(default=None, gt=0.0, le=1000.0)
+    batch_size: int = Field(default=16, ge=1, le=65536)
+    seq_len: int = Field(default=128, ge=8, le=131072)
+    grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6)
     precision: Precision = "auto"
-    eval_batch_size: int = Field(default=32, ge=1)
+    eval_batch_size: int = Field(default=32, ge=1, le=65536)
     # What sites train and send: every weight (`full`), or LoRA adapters on `lora_targets` of
     # every layer with the rest frozen (`lora`, see fedglm/lora.py).
     adapters: Literal["full", "lora"] = "full"
@@ -394,7 +399,10 @@ class PrivacyConfig(_Section):
     rounds of the run) spend exactly the budget. `sample_rate` is q, the public probability
     with which each record is drawn at each step; when unset it is the coordinator's
     `train.batch_size` over the site's training record count, which needs
-    `share.record_count: true` (q is published in the ledger). `accountant`: prv (default) or
+    `share.record_count: true` (q is published in the ledger). `expected_batch_size` is the
+    public number the noised sum of clipped gradients is divided by (recorded in the ledger):
+    when unset, q times the record count if that count is public, else the coordinator's
+    `train.batch_size`; never anything computed from private data. `accountant`: prv (default) or
     rdp. `mode`: hooks (per-record gradients) or ghost (ghost clipping, less memory, fp32).
     `signing_key`: the Ed25519 key that signs the ledger (`fedglm keys`), by default
     `<state_dir>/ledger.key`.
@@ -405,9 +413,10 @@ class PrivacyConfig(_Section):
     epsilon: float = Field(default=8.0, gt=0.0, le=100.0)
     delta: float = Field(default=1e-5, gt=0.0, le=1e-3)
     noise_multiplier: float | None = Field(default=None, gt=0.0, le=1e4)
-    rounds: int | None = Field(default=None, ge=1)
-    clip_norm: float = Field(default=1.0, gt=0.0)
+    rounds: int | None = Field(default=None, ge=1, le=100_000)
+    clip_norm: float = Field(default=1.0, gt=0.0, le=1e6)
     sample_rate: float | None = Field(default=None, gt=0.0, le=1.0)
+    expected_batch_size: float | None = Field(default=None, ge=1.0, le=1e7)
     accountant: Literal["prv", "rdp"] = "prv"
     mode: Literal["hooks", "ghost"] = "hooks"
     signing_key: ConfigPath | None = None

@@ -177,6 +177,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def parameter_count(args: GLMArgs) -> int:
+    """The parameters of a `GLM(args)`, computed without building it (equals
+    `count_parameters(GLM(args))`)."""
+    d = args.d_model
+    total = 2 * args.vocab_size * d + d  # embedding, LM head, final norm
+    for layer in range(args.n_layers):
+        total += 2 * d + 4 * d * args.heads(layer) * args.head_dim + 3 * d * args.ff(layer)
+    return total
+
+
 def describe(model: GLM) -> dict[str, Any]:
     """A model's shape for reports and the model card."""
     args = model.args

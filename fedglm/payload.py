@@ -31,8 +31,8 @@ METRICS_KEY = "metrics"
 PAYLOAD_NAME = "payload"
 PAYLOAD_STYPE = "fedglm/1"
 STALE_MODEL = "stale-model"  # a client's error reason: it needs the full model
-LEDGER_KEY = "ledger"  # client to server: the round's signed ledger line and the site's public key
-RECEIPT_KEY = "receipt"  # server to client: the coordinator's receipt for the site's last entry
+LEDGER_KEY = "ledger"  # client to server: the round's signed ledger line(s) and the site's public key
+RECEIPT_KEY = "receipt"  # server to client: the coordinator's receipts ("lines") for the site's new entries
 
 
 def payload_record(blob: bytes) -> ArrayRecord:

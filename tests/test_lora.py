@@ -116,6 +116,7 @@ def test_dp_sgd_trains_the_adapters_and_leaves_the_base_untouched(mode: DPMode) 
         precision="fp32",
         mode=mode,
         device=torch.device("cpu"),
+        expected_batch_size=9.0,
     )
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in base_state(after))

@@ -29,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedglm import compression
+from fedglm.clients.limits import check_model_fits, check_round_steps, check_weights
 from fedglm.clients.state import HeldModel, load_held, load_residual, save_held, save_residual
 from fedglm.clients.sync import check_pinned_base, parse_mask, prune_held, receive_model
 from fedglm.compression import CODECS, NO_HASH, Header, Kind
@@ -60,9 +62,13 @@ from fedglm.payload import (
 from fedglm.privacy.dpsgd import check_precision, dp_precision, train_private
 from fedglm.privacy.keys import load_private_key, public_pem
 from fedglm.privacy.site import (
+    MAX_CATCH_UP,
     Decline,
     config_hash,
+    expected_batch,
     keep_receipt,
+    ledger_lock,
+    not_countersigned,
     open_ledger,
     plan_round,
     privacy_dir,
@@ -174,13 +180,17 @@ def _task(message: Message, context: Context) -> Task:
         raise PayloadError(f"config '{BASE_HASH_KEY}' is {announced!r}, expected 64 hex digits", "wrong-base")
     check_pinned_base(site.base_hash, announced)
     lora = train_cfg.lora_spec(model_cfg.init_seed)
-    model = GLM(parse_mask(mask_text, model_cfg).shape(model_cfg.glm_args()))
+    args = parse_mask(mask_text, model_cfg).shape(model_cfg.glm_args())
+    check_model_fits(args, _per_sample_rows(site, train_cfg))  # before anything is allocated
+    model = GLM(args)
     if lora is not None:
         add_adapters(model, lora)
     blob = read_payload(message.content)
     held = None
     if blob is None:
-        model.load_state_dict(read_state(message.content, expected_shapes(model)))
+        state = read_state(message.content, expected_shapes(model))
+        check_weights(state)
+        model.load_state_dict(state)
     else:
         state_dir = _state_dir(site)
         run = _config_str(config, "run-key")
@@ -206,12 +216,21 @@ def _task(message: Message, context: Context) -> Task:
     return Task(site, config, model.to(device), train_cfg, seed, device, load_site_data(site), held, lora)
 
 
+def _per_sample_rows(site: SiteSpec, cfg: TrainConfig) -> float:
+    """Per-sample gradient rows a step holds, from public values only (`limits.py`)."""
+    if not site.privacy.enabled or site.privacy.mode == "ghost":
+        return 0.0
+    return site.privacy.expected_batch_size or float(cfg.batch_size)
+
+
 def _keep_receipt(site: SiteSpec, receipt: ConfigRecord) -> None:
-    line = receipt.get("line")
+    received = receipt.get("lines")
     state_dir = _state_dir(site)
     key = load_private_key(site.signing_key())
     _, lines = open_ledger(state_dir, key)
-    if not isinstance(line, str) or not keep_receipt(state_dir, line, lines):
+    texts = received if isinstance(received, list) else []
+    kept = [keep_receipt(state_dir, text, lines) for text in texts[:MAX_CATCH_UP] if isinstance(text, str)]
+    if not kept or not all(kept):
         log(WARNING, "%s: the coordinator sent a receipt for no entry of this ledger; ignored", site.name)
 
 
@@ -247,7 +266,7 @@ def _compressed_update(task: Task, server_round: int) -> tuple[bytes, dict[str, 
 def _train_private(task: Task, message: Message, records: list[list[int]], server_round: int) -> Message:
     """DP-SGD for one round, within the site's budget; the ledger entry is on disk before the
     update leaves (see `fedglm/privacy/site.py` for the order)."""
-    site, privacy, cfg = task.site, task.site.privacy, task.cfg
+    site = task.site
     if task.held is None:
         raise InputError(
             f"site {site.name} trains with DP and keeps a ledger: it answers fedglm's compressed "
@@ -255,9 +274,21 @@ def _train_private(task: Task, message: Message, records: list[list[int]], serve
         )
     state_dir = _state_dir(site)
     key = load_private_key(site.signing_key())
+    with ledger_lock(state_dir):  # from planning until the entry is on disk
+        return _train_private_locked(task, message, records, server_round, key)
+
+
+def _train_private_locked(
+    task: Task, message: Message, records: list[list[int]], server_round: int, key: Ed25519PrivateKey
+) -> Message:
+    site, privacy, cfg, held = task.site, task.site.privacy, task.cfg, task.held
+    assert held is not None
+    state_dir = _state_dir(site)
     ledger, lines = open_ledger(state_dir, key)
+    count_public = site.share.record_count
     q = sample_rate(privacy, batch_size=cfg.batch_size, n_train=len(records))
     steps = round_steps(cfg.local_steps, cfg.local_epochs, q)
+    check_round_steps(steps)
     planned = privacy.rounds or int(task.config.get("rounds", 1))
     plan = plan_round(
         privacy,
@@ -266,6 +297,9 @@ def _train_private(task: Task, message: Message, records: list[list[int]], serve
         steps=steps,
         planned_rounds=planned,
         n_train=len(records),
+        expected_batch=expected_batch(
+            privacy, q=q, n_train=len(records), count_public=count_public, batch_size=cfg.batch_size
+        ),
         cache_dir=privacy_dir(state_dir),
     )
     if isinstance(plan, Decline):
@@ -296,6 +330,7 @@ def _train_private(task: Task, message: Message, records: list[list[int]], serve
         precision=precision,
         mode=privacy.mode,
         device=task.device,
+        expected_batch_size=plan.expected_batch,
     )
     blob, residual = _compressed_update(task, server_round)
     line = record_round(
@@ -304,19 +339,25 @@ def _train_private(task: Task, message: Message, records: list[list[int]], serve
         plan,
         privacy,
         key,
+        count_public=count_public,
         client=site.name,
-        run=task.held.run,
+        run=held.run,
         server_round=server_round,
         precision=precision,
-        model_received=task.held.hash.hex(),
+        model_received=held.hash.hex(),
         update_sent=hashlib.sha256(blob).hexdigest(),
         config_digest=config_hash(
             privacy.model_dump(mode="json", exclude={"signing_key"}), dict(task.config)
         ),
     )
-    save_residual(state_dir, task.held.run, residual)
+    save_residual(state_dir, held.run, residual)
+    earlier = [json.dumps(x.as_json()) for x in not_countersigned(state_dir, lines)]
     ledger_record = ConfigRecord(
-        {"line": json.dumps(line.as_json()), "public-key": public_pem(key.public_key())}
+        {
+            "line": json.dumps(line.as_json()),
+            "public-key": public_pem(key.public_key()),
+            "earlier": earlier[-(MAX_CATCH_UP - 1) :] if earlier else [],
+        }
     )
     metrics = _public_metrics(site, len(records), train_loss=stats.loss)
     content = RecordDict({ARRAYS_KEY: payload_record(blob), METRICS_KEY: metrics, LEDGER_KEY: ledger_record})
@@ -335,11 +376,13 @@ def train(message: Message, context: Context) -> Message:
     optimizer = make_optimizer(
         task.model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
+    steps = steps_for(cfg.local_steps, cfg.local_epochs, len(records), cfg.batch_size)
+    check_round_steps(steps)
     stats = train_local(
         task.model,
         sample_batches(records, batch_size=cfg.batch_size, seq_len=cfg.seq_len, generator=generator),
         optimizer=optimizer,
-        steps=steps_for(cfg.local_steps, cfg.local_epochs, len(records), cfg.batch_size),
+        steps=steps,
         precision=resolve_precision(cfg.precision, task.device),
         grad_clip=cfg.grad_clip,
         device=task.device,

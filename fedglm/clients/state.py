@@ -7,7 +7,7 @@ lives in files, each replaced atomically:
   the site already holds it.
 - `residual.pt`: what error feedback has not sent yet. It is built from the update as it
   leaves training (with DP on: the privatised update), so it carries nothing else from the
-  site's records.
+  site's records. A residual that is not finite is never used.
 Both record the run key: state left by another federation run is ignored, never mixed in.
 """
 
@@ -73,7 +73,10 @@ def load_residual(
     residual: dict[str, torch.Tensor] = payload["residual"]
     if {k: int(np.prod(s)) for k, s in shapes.items()} != {k: v.numel() for k, v in residual.items()}:
         return None
-    return {name: residual[name].reshape(-1).numpy() for name in shapes}
+    arrays = {name: residual[name].reshape(-1).numpy() for name in shapes}
+    if not all(np.isfinite(array).all() for array in arrays.values()):
+        return None  # never carry NaN forward (none is ever saved: the encoder refuses it)
+    return arrays
 
 
 def save_residual(state_dir: Path, run: str, residual: dict[str, np.ndarray]) -> None:

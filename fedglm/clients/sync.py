@@ -14,6 +14,9 @@ fine-tuning, a FULL model that is still the base hashes to the announced hash; w
 adapters the base stays frozen, so every FULL model's non-adapter tensors must hash to it, and a
 DELTA may carry adapter tensors only.
 
+Whatever its route, the model must pass `limits.check_weights` (finite, bounded) before the
+site trains on it.
+
 Under a pruning mask, the site first slices the model it holds to the mask (`prune_held`), as
 the coordinator sliced the global model, and the payload's tensors have the sliced shapes.
 """
@@ -25,6 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
+from fedglm.clients.limits import check_weights
 from fedglm.clients.state import HeldModel
 from fedglm.compression import Kind, PayloadError, decode, model_hash
 from fedglm.compression.update import apply
@@ -124,6 +128,7 @@ def receive_model(
         state = slice_state(dict(model.state_dict()), args, Mask.full(args), parse_mask(mask_text, model_cfg))
     else:
         raise PayloadError(f"a {header.kind.name} payload cannot carry a global model", "bad-kind")
+    check_weights(state)
     new_hash = model_hash(state)
     if new_hash != target:
         raise StaleModel(

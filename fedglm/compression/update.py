@@ -50,6 +50,10 @@ def _global_threshold(arrays: list[np.ndarray], density: float) -> float:
 Table = list[tuple[str, tuple[int, ...], bytes]]
 
 
+class NonFiniteUpdate(ValueError):
+    """An update to encode holds NaN or infinite values."""
+
+
 def encode_tensors(
     values: Mapping[str, np.ndarray],
     shapes: Shapes,
@@ -58,7 +62,15 @@ def encode_tensors(
     density: float = 1.0,
     selection: Selection = "per-tensor",
 ) -> tuple[Table, dict[str, Decoded]]:
-    """Tensor table and decoded values for flat fp32 `values`; each array becomes its residual."""
+    """Tensor table and decoded values for flat fp32 `values`; each array becomes its residual.
+
+    Values that are not all finite are refused (`NonFiniteUpdate`) before anything changes: a
+    sparse codec would otherwise select nothing from them and send an empty update."""
+    for name, array in values.items():
+        if not np.isfinite(array).all():
+            raise NonFiniteUpdate(
+                f"tensor {name} of the update holds NaN or infinite values; nothing is sent"
+            )
     threshold = None
     if codec.sparse and selection == "global" and values:
         threshold = _global_threshold(list(values.values()), density)

@@ -18,10 +18,22 @@ Gaussian noise.
   never from the run's seed: the coordinator must not be able to replay them.
 - The local optimizer only ever sees the noised, averaged gradient (Opacus' `DPOptimizer`
   wraps it), so its state is post-processing too.
+- The noised sum is divided by `expected_batch_size`, a public value (declared by the site or
+  derived from public values only), never by q times the private record count: otherwise
+  the update's scale would tell the coordinator how many records the site holds.
+- A record whose per-record gradient (or its norm) is not finite contributes exactly zero:
+  in `hooks` mode its rows of the per-sample gradients are zeroed; in `ghost` mode it is
+  dropped from the step and the step recomputed from the other records (a NaN inside one
+  record's graph would otherwise reach the batch's summed gradient). A coordinator can send
+  finite weights that overflow only on a trigger in a record; without this, one drawn record
+  would turn the whole update into NaN, an unbounded sensitivity. What a record contributes
+  is thus a function of that record alone, with norm at most `clip_norm`, as the accountant
+  assumes.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 import warnings
@@ -33,7 +45,6 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
@@ -95,16 +106,19 @@ def train_private(
     precision: ResolvedPrecision,
     mode: DPMode,
     device: torch.device,
+    expected_batch_size: float,
     sampling: torch.Generator | None = None,
     noise: torch.Generator | None = None,
 ) -> TrainStats:
-    """`steps` DP-SGD steps on `model` (in place); the loss is the mean over sampled records."""
+    """`steps` DP-SGD steps on `model` (in place); the loss is the mean over sampled records
+    whose loss is finite. `expected_batch_size` must be public (see the module docstring)."""
     reason = check_precision(mode, precision)
     if reason is not None:
         raise ValueError(reason)
+    if not (math.isfinite(expected_batch_size) and expected_batch_size >= 1.0):
+        raise ValueError(f"expected_batch_size {expected_batch_size!r}: must be a finite number >= 1")
     sampling = sampling or secret_generator()
     noise = noise or secret_generator(device)
-    expected_batch = max(1.0, q * len(records))
     params = [p for p in model.parameters() if p.requires_grad]
     module: GradSampleModule | GradSampleModuleFastGradientClipping
     if mode == "hooks":
@@ -118,7 +132,7 @@ def train_private(
         optimizer,
         noise_multiplier=sigma,
         max_grad_norm=clip_norm,
-        expected_batch_size=expected_batch,
+        expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         generator=noise,
     )
@@ -138,14 +152,14 @@ def train_private(
                     _empty_batch(params, mode)
                 else:
                     inputs, targets = window_batch(records, picks, seq_len=seq_len, generator=sampling)
-                    inputs, targets = inputs.to(device), targets.to(device)
-                    with autocast(precision, device):
-                        logits = module(inputs)
-                    losses = per_record_loss(logits, targets)
-                    _clipped_backward(losses, module, dp_optimizer, params)
-                    total_loss += float(losses.detach().mean())
+                    losses = _private_gradients(
+                        module, dp_optimizer, params, inputs.to(device), targets.to(device), precision
+                    )
+                    finite = losses.detach()[torch.isfinite(losses.detach())]
+                    if finite.numel():
+                        total_loss += float(finite.mean())
+                        batches += 1
                     total_tokens += int((targets != IGNORE_INDEX).sum())
-                    batches += 1
                 dp_optimizer.step()
         finally:
             module._close()
@@ -153,22 +167,78 @@ def train_private(
     return TrainStats(loss=total_loss / max(batches, 1), steps=steps, tokens=total_tokens, seconds=seconds)
 
 
-def _clipped_backward(
-    losses: torch.Tensor,
+def _private_gradients(
     module: GradSampleModule | GradSampleModuleFastGradientClipping,
     optimizer: DPOptimizer,
     params: list[nn.Parameter],
-) -> None:
-    """Per-record gradients of `losses` (batch,), ready for the DP optimizer to clip and noise."""
-    if isinstance(module, GradSampleModuleFastGradientClipping):
-        assert isinstance(optimizer, DPOptimizerFastGradientClipping)
-        DPTensorFastGradientClipping(module, optimizer, losses, "mean").backward()
-        return
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    precision: ResolvedPrecision,
+) -> torch.Tensor:
+    """Per-record gradients of one drawn batch, ready for the DP optimizer to clip and noise,
+    with every record whose gradient is not finite contributing zero; returns the records'
+    losses (those of dropped records included)."""
+    with autocast(precision, inputs.device):
+        logits = module(inputs)
+    losses = per_record_loss(logits, targets)
+    if isinstance(module, GradSampleModule):
+        _hooks_backward(losses, params)
+        return losses
+    assert isinstance(optimizer, DPOptimizerFastGradientClipping)
+    bad = _ghost_backward(losses, module, optimizer, params)
+    if bad is None:
+        return losses
+    keep = ~bad  # recompute without them: a NaN inside their graph would reach every sum
+    optimizer.zero_grad(set_to_none=True)
+    if not keep.any():
+        _empty_batch(params, "ghost")
+        return losses
+    kept = _private_gradients(module, optimizer, params, inputs[keep], targets[keep], precision)
+    return torch.cat([kept, losses[bad].detach()])
+
+
+def _hooks_backward(losses: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """Opacus' per-sample gradients, in fp32 (see the module docstring), with the rows of
+    records whose gradient norm is not finite set to zero."""
     losses.mean().backward()  # type: ignore[no-untyped-call]
-    for p in params:  # norms and clipping in fp32 (see the module docstring)
-        grad_sample = getattr(p, "grad_sample", None)
-        if grad_sample is not None:
-            p.grad_sample = grad_sample.float()  # type: ignore[attr-defined]
+    samples = [p for p in params if getattr(p, "grad_sample", None) is not None]
+    for p in samples:
+        p.grad_sample = p.grad_sample.float()  # type: ignore[attr-defined]
+    if not samples:
+        return
+    norms = torch.stack(
+        [p.grad_sample.reshape(len(p.grad_sample), -1).norm(2, dim=-1) for p in samples],  # type: ignore[attr-defined]
+        dim=1,
+    ).norm(2, dim=1)
+    bad = ~torch.isfinite(norms)
+    if bad.any():
+        for p in samples:
+            p.grad_sample[bad] = 0.0  # type: ignore[attr-defined]
+
+
+def _ghost_backward(
+    losses: torch.Tensor,
+    module: GradSampleModuleFastGradientClipping,
+    optimizer: DPOptimizerFastGradientClipping,
+    params: list[nn.Parameter],
+) -> torch.Tensor | None:
+    """Ghost clipping's two passes (as Opacus' `DPTensorFastGradientClipping.backward`, with a
+    check between them): the records whose gradient norm is not finite, else None once the
+    clipped sum is in the parameters' `.grad`. With every norm finite, every record's graph
+    (its own row: no operation mixes rows) is finite, so the weighted second pass is too."""
+    losses.mean().backward(retain_graph=True)  # type: ignore[no-untyped-call]
+    norms = module.get_norm_sample()
+    bad = ~torch.isfinite(norms)
+    if bad.any():
+        return bad
+    optimizer.zero_grad(set_to_none=True)
+    coefficients = module.get_clipping_coef().to(losses.device)
+    module.disable_hooks()
+    try:
+        (coefficients * losses).sum().backward()
+    finally:
+        module.enable_hooks()
+    return None
 
 
 def _empty_batch(params: list[nn.Parameter], mode: DPMode) -> None:

@@ -24,11 +24,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedglm import strict_json
 from fedglm.atomic import append_json_line
 from fedglm.errors import InputError
 from fedglm.privacy.keys import key_id, verify
 
-FORMAT = "fedglm-ledger/1"
+FORMAT = "fedglm-ledger/2"
+MAX_LINE_CHARS = 16_384  # a real line is about 1,000 characters
 GENESIS = "0" * 64
 
 # field -> accepted JSON types
@@ -50,6 +52,8 @@ ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
     "accountant_version": (str,),
     "epsilon": (float, int),
     "budget": (float, int),
+    "expected_batch": (float, int),
+    "record_count_public": (bool,),
     "mode": (str,),
     "precision": (str,),
     "model_received": (str,),
@@ -102,7 +106,7 @@ def _check_fields(entry: Any) -> str | None:
         return f"entry has unknown field(s) {', '.join(extra)}"
     for name, types in ENTRY_FIELDS.items():
         value = entry[name]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             return f"field '{name}' is {value!r}, expected {' or '.join(t.__name__ for t in types)}"
         if isinstance(value, float) and not math.isfinite(value):
             return f"field '{name}' is not finite"
@@ -122,9 +126,9 @@ def parse_ledger(text: str) -> tuple[list[LedgerLine], list[Problem]]:
         problems.append(Problem(len(raw_lines), "the last line is truncated (no line end)"))
     for number, raw in enumerate(raw_lines, start=1):
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            problems.append(Problem(number, f"not valid JSON ({exc.msg})"))
+            obj = strict_json.loads(raw, max_chars=MAX_LINE_CHARS)
+        except strict_json.StrictJSONError as exc:
+            problems.append(Problem(number, f"not one unambiguous JSON object: {exc}"))
             continue
         if not isinstance(obj, dict) or set(obj) != {"entry", "hash", "signature"}:
             problems.append(Problem(number, "expected an object with exactly entry, hash and signature"))

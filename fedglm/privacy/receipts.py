@@ -13,7 +13,6 @@ receipt's canonical JSON by the coordinator's key.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,10 +20,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedglm import strict_json
 from fedglm.privacy.keys import key_id, verify
 from fedglm.privacy.ledger import LedgerLine, Problem, canonical, read_text_file
 
 FORMAT = "fedglm-receipt/1"
+MAX_RECEIPT_CHARS = 4096  # a real receipt is about 700 characters
 RECEIPT_FIELDS: dict[str, tuple[type, ...]] = {
     "format": (str,),
     "client": (str,),
@@ -85,9 +86,9 @@ def read_receipts(path: Path) -> tuple[list[Receipt], list[Problem]]:
     problems: list[Problem] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         try:
-            parsed = parse_receipt(json.loads(raw))
-        except json.JSONDecodeError as exc:
-            parsed = f"not valid JSON ({exc.msg})"
+            parsed = parse_receipt(strict_json.loads(raw, max_chars=MAX_RECEIPT_CHARS))
+        except strict_json.StrictJSONError as exc:
+            parsed = f"not one unambiguous JSON object: {exc}"
         if isinstance(parsed, str):
             problems.append(Problem(number, f"receipts: {parsed}"))
         else:

@@ -3,18 +3,29 @@
 Files under the site's `state_dir/privacy/`:
 - `ledger.jsonl`: the signed ledger (`ledger.py`), verified in full before every round;
 - `receipts.jsonl`: the coordinator's receipts for the entries it received;
-- `calibration.json`: the calibrated noise multiplier for each set of inputs (a cache).
+- `calibration.json`: the calibrated noise multiplier for each set of inputs (a cache);
+- `lock`: held from planning a round until its entry is appended, so two ClientApps working
+  on one state never plan against the same ledger.
 
 The order in a round is fixed: plan (the epsilon the round would bring, against the budget),
 train with DP-SGD, compress, append the ledger entry (fsynced), save the residual, reply. An
 entry on disk counts as spent whether or not its update ever left.
+
+A ledger is never silently behind: every receipt the site holds must name an entry of its
+ledger (same sequence, same hash), and a site with a residual from earlier rounds but no
+ledger stops. Either means the ledger was lost or rolled back, which would let the site spend
+its budget again: restore it (the coordinator keeps a copy of every line it countersigned).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,17 +33,21 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedglm import strict_json
 from fedglm.atomic import append_line, atomic_write_text
+from fedglm.clients.state import RESIDUAL_FILE
 from fedglm.config import PrivacyConfig, SiteSpec
 from fedglm.errors import InputError
 from fedglm.privacy.accounting import ACCOUNTANT_VERSION, Release, calibrate_sigma, epsilon
 from fedglm.privacy.keys import load_private_key
-from fedglm.privacy.ledger import LedgerLine, append_entry, canonical, load_own_ledger
-from fedglm.privacy.receipts import parse_receipt
+from fedglm.privacy.ledger import LedgerLine, append_entry, canonical, load_own_ledger, read_text_file
+from fedglm.privacy.receipts import MAX_RECEIPT_CHARS, parse_receipt
 
 LEDGER_FILE = "ledger.jsonl"
 RECEIPTS_FILE = "receipts.jsonl"
 CALIBRATION_FILE = "calibration.json"
+LOCK_FILE = "lock"
+MAX_CATCH_UP = 64  # ledger lines a reply may carry: those the coordinator has not receipted
 
 
 def privacy_dir(state_dir: Path) -> Path:
@@ -53,6 +68,7 @@ class RoundPlan:
     q: float
     sigma: float
     steps: int
+    expected_batch: float
     epsilon_before: float
     epsilon_after: float
 
@@ -75,6 +91,17 @@ def sample_rate(privacy: PrivacyConfig, *, batch_size: int, n_train: int) -> flo
     return min(1.0, batch_size / n_train)
 
 
+def expected_batch(
+    privacy: PrivacyConfig, *, q: float, n_train: int, count_public: bool, batch_size: int
+) -> float:
+    """What the noised sum is divided by: a public value only (see `privacy/dpsgd.py`)."""
+    if privacy.expected_batch_size is not None:
+        return privacy.expected_batch_size
+    if count_public:
+        return max(1.0, q * n_train)
+    return float(batch_size)
+
+
 def round_steps(local_steps: int | None, local_epochs: float | None, q: float) -> int:
     """Steps of a round; with `local_epochs`, expected passes over the records (epochs / q),
     so the count depends on public q and not on the private record count."""
@@ -82,6 +109,18 @@ def round_steps(local_steps: int | None, local_epochs: float | None, q: float) -
         return local_steps
     assert local_epochs is not None
     return max(1, math.ceil(local_epochs / q))
+
+
+def check_delta(privacy: PrivacyConfig, n_train: int, *, private: bool = True) -> None:
+    """Refuse a delta that is not below one over the training records. Raised inside the
+    ClientApp (`private`), the message goes to the coordinator: it names no record count."""
+    if privacy.delta * n_train < 1.0:
+        return
+    records = "the number of training records" if private else f"{n_train} training records"
+    raise InputError(
+        f"privacy.delta = {privacy.delta:g} is not below one over {records}: a mechanism could "
+        "then release a whole record; lower delta"
+    )
 
 
 def plan_round(
@@ -92,21 +131,25 @@ def plan_round(
     steps: int,
     planned_rounds: int,
     n_train: int,
+    expected_batch: float,
     cache_dir: Path | None = None,
 ) -> RoundPlan | Decline:
     """The round's noise and epsilon; `Decline` if it would pass the site's budget."""
-    if privacy.delta * n_train >= 1.0:
-        raise InputError(
-            f"privacy.delta = {privacy.delta:g} is not below 1/{n_train} (one over the training "
-            "records): a mechanism could then release a whole record; lower delta"
-        )
+    check_delta(privacy, n_train)
     sigma = privacy.noise_multiplier or _calibrated_sigma(privacy, q, steps * planned_rounds, cache_dir)
     spent = history(lines)
     before = epsilon(spent, privacy.delta, privacy.accountant)
     after = epsilon([*spent, Release(sigma, q, steps)], privacy.delta, privacy.accountant)
     if after > privacy.epsilon:
         return Decline(before, after)
-    return RoundPlan(q=q, sigma=sigma, steps=steps, epsilon_before=before, epsilon_after=after)
+    return RoundPlan(
+        q=q,
+        sigma=sigma,
+        steps=steps,
+        expected_batch=expected_batch,
+        epsilon_before=before,
+        epsilon_after=after,
+    )
 
 
 def _calibrated_sigma(privacy: PrivacyConfig, q: float, total_steps: int, cache_dir: Path | None) -> float:
@@ -146,6 +189,7 @@ def record_round(
     privacy: PrivacyConfig,
     key: Ed25519PrivateKey,
     *,
+    count_public: bool,
     client: str,
     run: str,
     server_round: int,
@@ -170,6 +214,8 @@ def record_round(
         "accountant_version": ACCOUNTANT_VERSION,
         "epsilon": plan.epsilon_after,
         "budget": privacy.epsilon,
+        "expected_batch": plan.expected_batch,
+        "record_count_public": count_public,
         "mode": privacy.mode,
         "precision": precision,
         "model_received": model_received,
@@ -183,8 +229,8 @@ def record_round(
 def keep_receipt(state_dir: Path, line: str, lines: list[LedgerLine]) -> bool:
     """Store a receipt from the coordinator if it is for one of this site's entries."""
     try:
-        parsed = parse_receipt(json.loads(line))
-    except json.JSONDecodeError:
+        parsed = parse_receipt(strict_json.loads(line, max_chars=MAX_RECEIPT_CHARS))
+    except strict_json.StrictJSONError:
         return False
     if isinstance(parsed, str):
         return False
@@ -198,9 +244,70 @@ def keep_receipt(state_dir: Path, line: str, lines: list[LedgerLine]) -> bool:
     return True
 
 
+def held_receipts(state_dir: Path) -> list[tuple[int, str]]:
+    """(sequence, entry hash) of every well-formed receipt the site holds."""
+    path = privacy_dir(state_dir) / RECEIPTS_FILE
+    if not path.exists():
+        return []
+    held = []
+    for raw in read_text_file(path, "receipts file").splitlines():
+        try:
+            parsed = parse_receipt(strict_json.loads(raw, max_chars=MAX_RECEIPT_CHARS))
+        except strict_json.StrictJSONError:
+            continue
+        if not isinstance(parsed, str):
+            held.append((int(parsed[0]["sequence"]), str(parsed[0]["entry_hash"])))
+    return held
+
+
+def _check_not_behind(state_dir: Path, path: Path, lines: list[LedgerLine]) -> None:
+    """Stop if the ledger lacks an entry the coordinator countersigned, or if it is missing
+    although the site has trained before (see the module docstring)."""
+    hashes = {int(line.entry["sequence"]): line.hash for line in lines}
+    for sequence, entry in sorted(held_receipts(state_dir), reverse=True):
+        if hashes.get(sequence) != entry:
+            raise InputError(
+                f"privacy ledger {path} is behind the coordinator's receipt for its entry {sequence} "
+                f"({'missing' if sequence not in hashes else 'different'} there): it was lost or rolled "
+                "back; restore it from a backup or from the coordinator's copy "
+                f"(<run folder>/ledgers/<site>.jsonl) before training again"
+            )
+    residual = state_dir / RESIDUAL_FILE
+    if not lines and residual.exists():
+        raise InputError(
+            f"privacy ledger {path} is missing, but {residual} shows this site trained before: restore "
+            "the ledger from a backup or from the coordinator's copy (<run folder>/ledgers/<site>.jsonl)"
+        )
+
+
 def open_ledger(state_dir: Path, key: Ed25519PrivateKey) -> tuple[Path, list[LedgerLine]]:
+    """The site's ledger, verified in full and checked not to be behind (`InputError` if not)."""
     path = privacy_dir(state_dir) / LEDGER_FILE
-    return path, load_own_ledger(path, key.public_key())
+    lines = load_own_ledger(path, key.public_key())
+    _check_not_behind(state_dir, path, lines)
+    return path, lines
+
+
+def not_countersigned(state_dir: Path, lines: list[LedgerLine]) -> list[LedgerLine]:
+    """The entries after the last one the site holds a receipt for (at most `MAX_CATCH_UP`):
+    a reply carries them so the coordinator's receipts stay one unbroken chain even when an
+    earlier reply never arrived."""
+    receipted = [sequence for sequence, _ in held_receipts(state_dir)]
+    after = max(receipted, default=-1)
+    return [line for line in lines if int(line.entry["sequence"]) > after][-MAX_CATCH_UP:]
+
+
+@contextmanager
+def ledger_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the site's privacy lock (blocking): from planning a round until its entry is on disk."""
+    folder = privacy_dir(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def describe_site_privacy(site: SiteSpec) -> str:

@@ -1,16 +1,26 @@
 """The coordinator's side of the privacy ledgers: check each update's ledger line, countersign it.
 
 An update from a DP site arrives with the signed ledger line the site wrote (and fsynced)
-before sending it, and the site's public key. The coordinator accepts the update only if the
-line's hash and signature hold under that key, the key is the one this site has always used
-(pinned at its first receipt), and the entry names this run, this round, the model the
-coordinator sent (its hash) and the very payload it arrived with (SHA-256 of the bytes), with
-an epsilon within the site's declared budget. It then signs a receipt
-(`privacy/receipts.py`), appends it to `receipts/<site>.jsonl` in the run folder, and sends it
-to the site with the next message addressed to it.
+before sending it, the site's public key, and (`earlier`) any lines of its ledger the site
+holds no receipt for yet (a reply lost in a crash). The coordinator accepts the update only
+if:
+- every line's hash and signature hold under that key, the key is the one this site has
+  always used (pinned at its first receipt);
+- the lines continue the chain the coordinator has countersigned for this site: a line it
+  already countersigned must be that very line (same hash), and the first new one must have
+  the next sequence number, name the last countersigned line's hash as `prev`, and claim no
+  lower epsilon. A site that lost or rolled back its ledger (and would spend its budget
+  again) is refused here, round after round, until it restores the ledger;
+- the last line names this run, this round, the model the coordinator sent (its hash) and
+  the very payload it arrived with (SHA-256 of the bytes), with an epsilon within the site's
+  declared budget.
+It then signs a receipt for each new line (`privacy/receipts.py`), appends them to
+`receipts/<site>.jsonl` in the run folder and the lines themselves to
+`ledgers/<site>.jsonl`, and sends the receipts to the site with the next message addressed
+to it.
 
 The receipts also give the coordinator each site's cumulative epsilon (for `epsilon_max` in
-`metrics.jsonl`) across restarts.
+`metrics.jsonl` and the model card) across restarts.
 """
 
 from __future__ import annotations
@@ -20,19 +30,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedglm.atomic import append_line
 from fedglm.compression import PayloadError
 from fedglm.config import is_site_name
 from fedglm.privacy.keys import key_id, public_key_from_pem
-from fedglm.privacy.ledger import check_signed, parse_ledger
+from fedglm.privacy.ledger import LedgerLine, check_signed, parse_ledger
 from fedglm.privacy.receipts import make_receipt, read_receipts, receipt_ok
 
 BAD_LEDGER = "bad-ledger"
 
 
 LEDGER_COPIES = "ledgers"  # <out>/ledgers/<site>.jsonl: every ledger line countersigned
+
+
+MAX_EARLIER = 64  # as a site sends at most (`privacy.site.MAX_CATCH_UP`)
+MAX_PEM_CHARS = 1024  # an Ed25519 public key in PEM is 113 characters
 
 
 class Countersigner:
@@ -44,57 +58,122 @@ class Countersigner:
         self.run_key = run_key
         self.site_keys: dict[str, str] = {}
         self.epsilon: dict[str, float] = {}
-        self._pending: dict[int, str] = {}
+        self.chains: dict[str, dict[int, str]] = {}  # site -> sequence -> countersigned entry hash
+        self._pending: dict[int, list[str]] = {}
         public = key.public_key()
         for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
             receipts, _ = read_receipts(path)
             for receipt in receipts:
                 if receipt_ok(receipt, public):
-                    client = receipt.body["client"]
-                    self.site_keys.setdefault(client, receipt.body["site_key"])
-                    self.epsilon[client] = float(receipt.body["epsilon"])
+                    body = receipt.body
+                    client = body["client"]
+                    self.site_keys.setdefault(client, body["site_key"])
+                    self.chains.setdefault(client, {})[int(body["sequence"])] = body["entry_hash"]
+                    self.epsilon[client] = max(self.epsilon.get(client, 0.0), float(body["epsilon"]))
 
     def countersign(
         self, node: int, ledger: dict[str, Any], blob: bytes, server_round: int, base: bytes
     ) -> None:
-        """Check the ledger line sent with `blob` and keep a receipt; `PayloadError` if it fails."""
-        line_text, pem = ledger.get("line"), ledger.get("public-key")
-        if not isinstance(line_text, str) or not isinstance(pem, str):
-            raise PayloadError("the ledger record needs 'line' and 'public-key' strings", BAD_LEDGER)
-        lines, problems = parse_ledger(line_text.replace("\n", " ") + "\n")
-        if problems or len(lines) != 1:
-            raise PayloadError(f"ledger line: {problems[0] if problems else 'empty'}", BAD_LEDGER)
-        line, entry = lines[0], lines[0].entry
-        try:
-            site_key = public_key_from_pem(pem)
-        except ValueError as exc:
-            raise PayloadError(f"site public key: {exc}", BAD_LEDGER) from None
+        """Check the ledger lines sent with `blob` and keep receipts; `PayloadError` if they fail."""
+        lines, site_key = _read_lines(ledger)
+        entry = lines[-1].entry
         client, site_key_id = entry["client"], key_id(site_key)
         expected = {
             "client is a site name": is_site_name(client),
-            "signature": check_signed(line, site_key) is None,
+            "one client": all(x.entry["client"] == client for x in lines),
+            "signature": all(check_signed(x, site_key) is None for x in lines),
             "the site's pinned key": self.site_keys.get(client, site_key_id) == site_key_id,
             "run": entry["run"] == self.run_key,
             "round": entry["round"] == server_round,
             "model received": entry["model_received"] == base.hex(),
             "update sent": entry["update_sent"] == hashlib.sha256(blob).hexdigest(),
-            "unit and sampler": (entry["unit"], entry["sampler"]) == ("record", "poisson"),
+            "unit and sampler": all(
+                (x.entry["unit"], x.entry["sampler"]) == ("record", "poisson") for x in lines
+            ),
             "epsilon within budget": float(entry["epsilon"]) <= float(entry["budget"]),
         }
         failed = [what for what, ok in expected.items() if not ok]
         if failed:
             raise PayloadError(f"ledger entry of {client!r} does not match: {', '.join(failed)}", BAD_LEDGER)
-        receipt = json.dumps(make_receipt(line, self.key), sort_keys=True)
-        append_line(self.folder / f"{client}.jsonl", receipt)
-        # The site's own line, as received: the model card states each site's guarantee from it.
-        append_line(self.folder.parent / LEDGER_COPIES / f"{client}.jsonl", json.dumps(line.as_json()))
+        new = self._continuation(client, lines)
+        receipts = [json.dumps(make_receipt(x, self.key), sort_keys=True) for x in new]
+        for receipt, x in zip(receipts, new, strict=True):
+            append_line(self.folder / f"{client}.jsonl", receipt)
+            # The site's own line, as received: the model card states each site's guarantee from it.
+            append_line(self.folder.parent / LEDGER_COPIES / f"{client}.jsonl", json.dumps(x.as_json()))
+            self.chains.setdefault(client, {})[int(x.entry["sequence"])] = x.hash
         self.site_keys[client] = site_key_id
-        self.epsilon[client] = float(entry["epsilon"])
-        self._pending[node] = receipt
+        self.epsilon[client] = max(self.epsilon.get(client, 0.0), float(entry["epsilon"]))
+        self._pending.setdefault(node, []).extend(receipts)
 
-    def receipt_for(self, node: int) -> str | None:
-        """The receipt to send with the next message to `node`, once."""
-        return self._pending.pop(node, None)
+    def _continuation(self, client: str, lines: list[LedgerLine]) -> list[LedgerLine]:
+        """The lines not yet countersigned, checked to continue this site's countersigned chain."""
+        chain = self.chains.get(client, {})
+        last = max(chain, default=None)
+        epsilon = self.epsilon.get(client, 0.0)
+        new: list[LedgerLine] = []
+        for x in lines:
+            sequence = int(x.entry["sequence"])
+            if sequence in chain and not new:
+                if chain[sequence] != x.hash:
+                    raise PayloadError(
+                        f"ledger of {client!r}: entry {sequence} differs from the one countersigned "
+                        "(a lost or rolled-back ledger)",
+                        BAD_LEDGER,
+                    )
+                continue
+            previous = new[-1] if new else None
+            if previous is not None:
+                next_sequence, prev_hash = int(previous.entry["sequence"]) + 1, previous.hash
+            elif last is not None:
+                next_sequence, prev_hash = last + 1, chain[last]
+            else:  # the first line this coordinator sees from the site: the chain starts here
+                next_sequence, prev_hash = sequence, x.entry["prev"]
+            if sequence != next_sequence or x.entry["prev"] != prev_hash:
+                raise PayloadError(
+                    f"ledger of {client!r}: entry {sequence} does not follow the last countersigned "
+                    f"entry {next_sequence - 1} (a lost, rolled-back or forked ledger)",
+                    BAD_LEDGER,
+                )
+            if float(x.entry["epsilon"]) < epsilon:
+                raise PayloadError(
+                    f"ledger of {client!r}: entry {sequence} claims epsilon {float(x.entry['epsilon']):.4f}, "
+                    f"below the {epsilon:.4f} already countersigned",
+                    BAD_LEDGER,
+                )
+            epsilon = float(x.entry["epsilon"])
+            new.append(x)
+        if not new or new[-1] is not lines[-1]:
+            raise PayloadError(
+                f"ledger of {client!r}: the update's entry was countersigned before", BAD_LEDGER
+            )
+        return new
+
+    def receipt_for(self, node: int) -> list[str]:
+        """The receipts to send with the next message to `node`, once."""
+        return self._pending.pop(node, [])
 
     def epsilon_max(self) -> float | None:
         return max(self.epsilon.values()) if self.epsilon else None
+
+
+def _read_lines(ledger: dict[str, Any]) -> tuple[list[LedgerLine], Ed25519PublicKey]:
+    """The ledger lines of a reply (earlier ones first) and the site's public key."""
+    line_text, pem, earlier = ledger.get("line"), ledger.get("public-key"), ledger.get("earlier", [])
+    if not isinstance(line_text, str) or not isinstance(pem, str) or len(pem) > MAX_PEM_CHARS:
+        raise PayloadError("the ledger record needs 'line' and 'public-key' (PEM) strings", BAD_LEDGER)
+    if (
+        not isinstance(earlier, list)
+        or len(earlier) > MAX_EARLIER
+        or not all(isinstance(x, str) for x in earlier)
+    ):
+        raise PayloadError(f"the ledger record's 'earlier' must be at most {MAX_EARLIER} strings", BAD_LEDGER)
+    texts = [*earlier, line_text]
+    lines, problems = parse_ledger("".join(text.replace("\n", " ") + "\n" for text in texts))
+    if problems or len(lines) != len(texts):
+        raise PayloadError(f"ledger line: {problems[0] if problems else 'empty'}", BAD_LEDGER)
+    try:
+        site_key = public_key_from_pem(pem)
+    except ValueError as exc:
+        raise PayloadError(f"site public key: {exc}", BAD_LEDGER) from None
+    return lines, site_key

@@ -175,9 +175,9 @@ class FedglmAvg:
             if id(blob) not in contents:
                 contents[id(blob)] = RecordDict({ARRAYS_KEY: payload_record(blob), CONFIG_KEY: config})
             content = contents[id(blob)]
-            receipt = self.countersigner.receipt_for(node) if self.countersigner else None
-            if receipt is not None:
-                content = RecordDict({**content, RECEIPT_KEY: ConfigRecord({"line": receipt})})
+            receipts = self.countersigner.receipt_for(node) if self.countersigner else []
+            if receipts:
+                content = RecordDict({**content, RECEIPT_KEY: ConfigRecord({"lines": receipts})})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node))
         return messages
 

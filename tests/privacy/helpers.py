@@ -62,6 +62,7 @@ def release(
         steps=steps,
         planned_rounds=planned_rounds,
         n_train=n_train,
+        expected_batch=16.0,
         cache_dir=site.state_dir,
     )
     if not isinstance(plan, RoundPlan):
@@ -72,6 +73,7 @@ def release(
         plan,
         privacy,
         site.key,
+        count_public=False,
         client="site-a",
         run="run-1",
         server_round=server_round,

@@ -35,6 +35,7 @@ def dp_steps(model: GLM, data: list[list[int]], **settings: Any) -> TrainStats:
         "device": CPU,
     }
     kwargs.update(settings)
+    kwargs.setdefault("expected_batch_size", max(1.0, kwargs["q"] * len(data)))
     return train_private(model, data, optimizer=torch.optim.SGD(model.parameters(), lr=lr), **kwargs)
 
 

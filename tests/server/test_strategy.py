@@ -101,7 +101,6 @@ def _corrupt(record: ArrayRecord) -> ArrayRecord:
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
-        (lambda s: update(s, float("nan")), "non-finite"),
         (lambda s: update(s, 1.0, round=2), "wrong-round"),
         (lambda s: update(s, 1.0, base=b"\x01" * 32), "stale-base"),
         (lambda s: ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))}), "bad-record"),
