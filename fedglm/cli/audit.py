@@ -1,7 +1,10 @@
 """`fedglm audit`: verify a site's privacy ledger and recompute its epsilon independently.
 
-Exit codes: 0 everything holds; 1 a budget was exceeded, a claim does not match its
-recomputation, or the ledger or a receipt was tampered with; 2 unreadable input.
+Exit codes: 0 everything holds and every entry is countersigned in the coordinator's receipts
+(verified); 3 everything the ledger alone can show holds, but no receipts were checked, so a
+site that re-signed its own ledger would pass too (not verified against the coordinator);
+1 a budget was exceeded, a claim is below its recomputation, the budget or delta changed, an
+entry lacks its receipt, or the ledger or a receipt was tampered with; 2 unreadable input.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedglm.cli.common import reports_errors
-from fedglm.errors import CheckFailed, InputError
+from fedglm.errors import CheckFailed, InputError, Unverified
 from fedglm.privacy.audit import AuditReport, audit_ledger, default_receipts
 from fedglm.privacy.keys import load_public_key
 from fedglm.privacy.ledger import read_text_file
@@ -54,7 +57,14 @@ def audit(
     found = None
     if coordinator_key is not None:
         path = receipts or default_receipts(ledger)
-        found = read_receipts(path) if (path.exists() or receipts is not None) else ([], [])
+        if receipts is None and not path.exists():
+            raise InputError(
+                f"--server-key given but no receipts file {path}: pass --receipts with the coordinator's "
+                "copy (<run folder>/receipts/<site>.jsonl)"
+            )
+        found = read_receipts(path)
+    elif receipts is not None:
+        raise InputError("--receipts needs --server-key (the coordinator's receipt.pub) to check them")
     report = audit_ledger(text, site_key, budget=budget, server_key=coordinator_key, receipts=found)
     if plot is not None:
         write_plot(report, plot)
@@ -64,6 +74,11 @@ def audit(
         print_report(report, ledger)
     if not report.ok:
         raise CheckFailed(f"{ledger}: {report.problems[0]} ({len(report.problems)} problem(s) in all)")
+    if not report.verified:
+        raise Unverified(
+            f"{ledger}: NOT verified against the coordinator: the chain and claims hold under the site's "
+            "own key, which could have re-signed them; give --server-key and the coordinator's receipts"
+        )
 
 
 def print_report(report: AuditReport, ledger: Path) -> None:
@@ -78,12 +93,16 @@ def print_report(report: AuditReport, ledger: Path) -> None:
         "claimed eps",
         "PLD eps",
         "RDP eps",
-        "diff",
+        "above",
         "receipt",
     )
+    replace_one = any(row.replace_one is not None for row in report.rows)
     for column in columns:
         table.add_column(column, justify="right")
+    if replace_one:
+        table.add_column("replace-one eps", justify="right")
     for row in report.rows:
+        extra = [f"{row.replace_one:.4f}" if row.replace_one is not None else "-"] if replace_one else []
         table.add_row(
             str(row.line),
             str(row.round),
@@ -94,24 +113,36 @@ def print_report(report: AuditReport, ledger: Path) -> None:
             f"{row.claimed:.4f}",
             f"{row.pld:.4f}",
             f"{row.rdp:.4f}",
-            f"{100 * row.difference:.2f}%",
+            f"{100 * row.difference:+.2f}%",
             row.receipt if report.receipts_checked else "-",
+            *extra,
         )
     console.print(table)
     for problem in report.problems[:SHOWN_PROBLEMS]:
         console.print(f"[red]FAIL[/red] {problem}")
     if len(report.problems) > SHOWN_PROBLEMS:
         console.print(f"... and {len(report.problems) - SHOWN_PROBLEMS} more")
-    if report.ok:
-        last = report.rows[-1]
+    if not report.ok:
+        return
+    last = report.rows[-1]
+    spent = f"epsilon {last.claimed:.4f} at delta {last.delta:g} within the budget {last.budget:g}"
+    above = max(row.difference for row in report.rows)
+    claims = f"claims at most {100 * above:.2f}% above dp-accounting"
+    if report.verified:
         console.print(
-            f"OK: {len(report.rows)} entries, chain and signatures hold"
-            + (
-                f", {sum(r.receipt == 'ok' for r in report.rows)} of {len(report.rows)} entries countersigned"
-                if report.receipts_checked
-                else " (receipts not checked: no --server-key)"
-            )
-            + f"; epsilon {last.claimed:.4f} at delta {last.delta:g} within the budget {last.budget:g}"
+            f"OK, verified against the coordinator: {len(report.rows)} entries, chain and signatures "
+            f"hold, every entry countersigned; {spent}; {claims}"
+        )
+    else:
+        console.print(
+            f"NOT VERIFIED against the coordinator: {len(report.rows)} entries, chain and signatures hold "
+            f"under the site's own key (which could re-sign a rewritten ledger); {spent}; {claims}. "
+            "Give --server-key and the coordinator's receipts to verify."
+        )
+    if replace_one and last.replace_one is not None:
+        console.print(
+            f"The record count is public here (q reveals it): against replacing one record, the same "
+            f"history gives epsilon {last.replace_one:.4f}."
         )
 
 

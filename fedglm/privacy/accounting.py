@@ -14,7 +14,6 @@ independent PLD computation even for small epsilon) and `rdp`
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +31,9 @@ PRV_COARSE_EPS_ERROR = 1e-2
 PRV_RELATIVE_ERROR = 1e-3
 PRV_MIN_EPS_ERROR = 1e-5
 MAX_SIGMA = 1e4
+# The RDP orders the site's accountant uses (Opacus' defaults, named so the audit can give
+# dp-accounting the same ones).
+RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ def epsilon(
     acc.history = [(r.sigma, r.q, r.steps) for r in releases]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about optimal RDP orders at the edge
-        if accountant == "rdp":
-            return float(acc.get_epsilon(delta))
+        if isinstance(acc, RDPAccountant):
+            return float(acc.get_epsilon(delta, alphas=list(RDP_ORDERS)))
         if coarse:
             return float(acc.get_epsilon(delta, eps_error=PRV_COARSE_EPS_ERROR))
         value = float(acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
@@ -114,9 +116,3 @@ def calibrate_sigma(
         else:
             high = middle
     return high
-
-
-def relative_difference(claimed: float, recomputed: float) -> float:
-    if recomputed == 0.0:
-        return 0.0 if claimed == 0.0 else math.inf
-    return abs(claimed - recomputed) / recomputed
