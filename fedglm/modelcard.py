@@ -10,9 +10,12 @@ Built only from what the run folder records, so every figure is measured, none t
   held-out public-text loss and bits per byte of teacher and student;
 - parity of each exported file (`release/export.json`);
 - traffic: upload and download bytes summed over `metrics.jsonl`;
-- privacy: for each site, its last ledger entry as the coordinator countersigned it
-  (`ledgers/<site>.jsonl`): unit of privacy, epsilon, delta, accountant, sampler, q, sigma.
-  A site with no countersigned entry trained without DP and the card says so.
+- privacy: for each site, from the ledger lines the coordinator countersigned
+  (`ledgers/<site>.jsonl`): the largest epsilon among them (never a later, lower claim), the
+  last line's unit of privacy, delta, accountant, sampler, q, sigma; where the site's record
+  count is public, also the replace-one epsilon of the same history; and the guarantee's
+  exclusions (`EXCLUSIONS`). A site with no countersigned entry trained without DP and the card
+  says so.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from fedglm.config import RunSpec, TrainConfig
 from fedglm.errors import InputError
 from fedglm.model import GLM, describe
 from fedglm.pretrain import MANIFEST_FILE as BASE_MANIFEST
+from fedglm.privacy.audit import dp_accounting_epsilon
+from fedglm.privacy.ledger import parse_ledger
+from fedglm.privacy.site import history
 from fedglm.pruning import Mask
 from fedglm.server.app import SPEC_NAME
 from fedglm.server.checkpoint import load_checkpoint
@@ -46,16 +52,45 @@ def _json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+GUARANTEE = (
+    "Each site's (epsilon, delta)-differential privacy holds for one record of that site, added or "
+    "removed, against everyone who sees what the site sent, the coordinator included, whatever "
+    "model, optimizer and codec the coordinator chose"
+)
+EXCLUSIONS = (
+    "values a site declared public are outside it (training and validation losses with "
+    "share.loss, the record count with share.record_count; q then reveals the count)",
+    "it protects one note (record), not one patient: merge each patient's notes into one record "
+    "to protect patients",
+    "it holds per site: a patient seen at several sites is protected at each with that site's "
+    "epsilon, and the losses compose across the sites",
+    "side channels are outside it: the time a site takes to reply, and the floating-point "
+    "representation of the Gaussian noise (Opacus' secure mode is not available here)",
+)
+
+
 def site_guarantees(run_dir: Path) -> list[dict[str, Any]]:
-    """Each site's guarantee, from the last ledger line the coordinator countersigned."""
+    """Each site's guarantee, from the ledger lines the coordinator countersigned."""
     sites = []
     for path in sorted((run_dir / LEDGER_COPIES).glob("*.jsonl")):
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines, _ = parse_ledger(path.read_text(encoding="utf-8"))
         if not lines:
             continue
-        entry = json.loads(lines[-1])["entry"]
-        keys = ("client", "unit", "epsilon", "delta", "accountant", "sampler", "q", "sigma", "clip_norm")
-        sites.append({**{k: entry[k] for k in keys}, "rounds": len(lines), "budget": entry["budget"]})
+        entry = lines[-1].entry
+        keys = ("client", "unit", "delta", "accountant", "sampler", "q", "sigma", "clip_norm")
+        replace_one = None
+        if entry["record_count_public"]:
+            replace_one = dp_accounting_epsilon(history(lines), float(entry["delta"]), "pld-replace-one")
+        sites.append(
+            {
+                **{k: entry[k] for k in keys},
+                "epsilon": max(float(line.entry["epsilon"]) for line in lines),
+                "rounds": len(lines),
+                "budget": entry["budget"],
+                "record_count_public": entry["record_count_public"],
+                "epsilon_replace_one": replace_one,
+            }
+        )
     return sites
 
 
@@ -117,6 +152,8 @@ def build_card(run_dir: Path) -> dict[str, Any]:
         },
         "privacy": {
             "unit": "record (one note): neighbouring data sets differ by one record, added or removed",
+            "guarantee": GUARANTEE,
+            "exclusions": list(EXCLUSIONS),
             "sites": site_guarantees(run_dir),
             "dp_required": fed.require_dp,
             "post_processing": "pruning, distillation and export read only the aggregated model and "
@@ -234,14 +271,23 @@ def render_markdown(card: dict[str, Any]) -> str:
     ]
     if priv["sites"]:
         out += [
-            "| site | epsilon | delta | budget | accountant | sampler | q | sigma | clip | rounds |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"{priv['guarantee']}. What it does not cover:",
+            "",
+            *(f"- {exclusion}." for exclusion in priv["exclusions"]),
+            "",
+            "Epsilon is the largest the coordinator countersigned for the site. Where a site's record "
+            "count is public, the last column gives the same history's epsilon against replacing one "
+            "record (dp-accounting PLD).",
+            "",
+            "| site | epsilon | delta | budget | accountant | sampler | q | sigma | clip | rounds | "
+            "replace-one epsilon |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in priv["sites"]:
             out.append(
                 f"| {s['client']} | {s['epsilon']:.3f} | {s['delta']:g} | {s['budget']:g} | "
                 f"{s['accountant']} | {s['sampler']} | {s['q']:.4g} | {s['sigma']:.4g} | "
-                f"{s['clip_norm']:g} | {s['rounds']} |"
+                f"{s['clip_norm']:g} | {s['rounds']} | {_fmt(s['epsilon_replace_one'], '.3f')} |"
             )
     else:
         out.append(

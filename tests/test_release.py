@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from fedglm.release import STUDENT_FILE, final_model, release, run_export
 from fedglm.server.app import SPEC_NAME
 from fedglm.server.checkpoint import Checkpoint, model_fingerprint, save_checkpoint
 from fedglm.server.countersign import LEDGER_COPIES
+from tests.privacy.helpers import ledger_of
 
 FED = FederationConfig.model_validate(
     {
@@ -60,20 +62,10 @@ def make_run(run: Path) -> Mask:
         {"round": r, "upload_bytes": 1000 * r, "download_bytes": 2000, "val_loss": 2.0} for r in (1, 2, 3)
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    entry = {
-        "client": "site-a",
-        "unit": "record",
-        "epsilon": 2.5,
-        "delta": 1e-5,
-        "accountant": "prv",
-        "sampler": "poisson",
-        "q": 0.1,
-        "sigma": 1.2,
-        "clip_norm": 1.0,
-        "budget": 8.0,
-    }
+    # the coordinator's copy of a site's countersigned lines, written by the site's own code path
+    site = ledger_of(run.parent / "site", rounds=2)
     (run / LEDGER_COPIES).mkdir()
-    (run / LEDGER_COPIES / "site-a.jsonl").write_text(json.dumps({"entry": entry}) + "\n")
+    shutil.copy(site.ledger, run / LEDGER_COPIES / "site-a.jsonl")
     return mask
 
 
@@ -103,9 +95,13 @@ def test_release_distills_exports_and_describes(tmp_path: Path) -> None:
     assert card["export"]["parity"]["passed"] is True
     assert card["export"]["files"]["int8"]["next_token_agreement"] > 0.5
     assert card["traffic"] == {"upload_bytes": 6000, "download_bytes": 6000}
-    assert card["privacy"]["sites"][0]["epsilon"] == 2.5 and card["privacy"]["sites"][0]["delta"] == 1e-5
+    [site] = card["privacy"]["sites"]
+    claims = [json.loads(line)["entry"]["epsilon"] for line in (run / LEDGER_COPIES / "site-a.jsonl").open()]
+    assert site["epsilon"] == max(claims) and site["delta"] == 1e-5 and site["rounds"] == 2
+    assert site["epsilon_replace_one"] is None  # the site's record count is private
     text = (run / RELEASE_DIR / CARD_MD).read_text()
-    assert "site-a | 2.500 | 1e-05" in text and "model.int8.onnx" in text
+    assert f"site-a | {max(claims):.3f} | 1e-05" in text and "model.int8.onnx" in text
+    assert "not one patient" in text and "time a site takes to reply" in text
     student = load_model(run / RELEASE_DIR / STUDENT_FILE)
     assert student.args.n_layers == 1
 

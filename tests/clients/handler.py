@@ -1,0 +1,89 @@
+"""A site's real ClientApp handler, driven as Flower drives it: a site spec on disk, a node
+context naming it, and a TRAIN message built by the coordinator's own `Broadcast`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.common import MessageType
+
+from fedglm.clients.app import SITE_KEY
+from fedglm.config import DataConfig, ModelConfig, PrivacyConfig, ShareConfig, SiteSpec, TrainConfig
+from fedglm.payload import ARRAYS_KEY, CONFIG_KEY, payload_record, round_config
+from fedglm.privacy.keys import make_keys
+from fedglm.server.broadcast import Broadcast
+
+
+def site_context(
+    tmp_path: Path,
+    notes: list[str],
+    privacy: PrivacyConfig,
+    *,
+    share: ShareConfig | None = None,
+    base_hash: str | None = None,
+) -> Context:
+    """A site holding `notes` (one record each) with its keys and state under `tmp_path`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": note}) + "\n" for note in notes))
+    state = tmp_path / "state"
+    if not (state / "ledger.key").exists():
+        make_keys(state, "ledger")
+    site = SiteSpec(
+        name="h1",
+        data=DataConfig(path=data, field="text"),
+        share=share or ShareConfig(),
+        privacy=privacy,
+        state_dir=state,
+        base_hash=base_hash,
+    )
+    spec = tmp_path / "site-spec.json"
+    spec.write_text(site.model_dump_json())
+    return Context(run_id=1, node_id=1, node_config={SITE_KEY: str(spec)}, state=RecordDict(), run_config={})
+
+
+def train_message(
+    state: Mapping[str, torch.Tensor],
+    model: ModelConfig,
+    train: TrainConfig,
+    *,
+    trainable: Collection[str] | None = None,
+    server_round: int = 1,
+    extra: Mapping[str, Any] | None = None,
+    uplink: tuple[str, float] = ("topk", 0.5),
+) -> tuple[Message, Broadcast]:
+    """The coordinator's TRAIN message sending the model `state` (in full, round 1)."""
+    broadcast = Broadcast(dict(state), trainable=trainable)
+    config = ConfigRecord(
+        {
+            **round_config(model.model_dump(), train.model_dump(), 0),
+            "server-round": server_round,
+            "run-key": "run",
+            "rounds": 1,
+            "uplink.codec": uplink[0],
+            "uplink.density": uplink[1],
+            "uplink.selection": "global",
+            **(extra or {}),
+        }
+    )
+    content = RecordDict(
+        {ARRAYS_KEY: payload_record(broadcast.payload_for(1, server_round)), CONFIG_KEY: config}
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{server_round}",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=MessageType.TRAIN,
+    )
+    return Message(content=content, metadata=metadata), broadcast
