@@ -28,13 +28,17 @@ def test_declines_exactly_when_the_next_round_would_exceed_the_budget(tmp_path: 
         assert line is not None
         assert line.entry["epsilon"] == pytest.approx(spent_after(server_round), rel=1e-6)
         assert line.entry["epsilon"] <= budget
-    decline = plan_round(privacy, site.lines(), q=Q, steps=STEPS, planned_rounds=4, n_train=1000, expected_batch=16.0)
+    decline = plan_round(
+        privacy, site.lines(), q=Q, steps=STEPS, planned_rounds=4, n_train=1000, expected_batch=16.0
+    )
     assert isinstance(decline, Decline)
     assert decline.epsilon == pytest.approx(spent_after(3), rel=1e-6)
     assert decline.would_be > budget
     assert "past the site's budget" in decline.reason(budget)
     # a smaller round still fits, and is not declined
-    smaller = plan_round(privacy, site.lines(), q=Q, steps=1, planned_rounds=4, n_train=1000, expected_batch=16.0)
+    smaller = plan_round(
+        privacy, site.lines(), q=Q, steps=1, planned_rounds=4, n_train=1000, expected_batch=16.0
+    )
     assert isinstance(smaller, RoundPlan)
 
 
@@ -44,7 +48,9 @@ def test_a_crash_between_the_ledger_write_and_the_upload_counts_as_spent(tmp_pat
     written = release(site, privacy, server_round=1)
     assert written is not None
     # the process dies here: no residual saved, no reply sent; a fresh process reads the ledger
-    after_restart = plan_round(privacy, site.lines(), q=Q, steps=STEPS, planned_rounds=4, n_train=1000, expected_batch=16.0)
+    after_restart = plan_round(
+        privacy, site.lines(), q=Q, steps=STEPS, planned_rounds=4, n_train=1000, expected_batch=16.0
+    )
     assert isinstance(after_restart, RoundPlan)
     assert after_restart.epsilon_before == pytest.approx(written.entry["epsilon"], rel=1e-9)
     assert history(site.lines()) == [Release(SIGMA, Q, STEPS)]
@@ -62,7 +68,9 @@ def test_calibration_spends_the_budget_over_the_planned_rounds(tmp_path: Path) -
 
 def test_delta_must_be_below_one_over_the_records(tmp_path: Path) -> None:
     privacy = PrivacyConfig(noise_multiplier=1.0, delta=1e-3, sample_rate=Q)
-    with pytest.raises(InputError, match=r"privacy\.delta = 0\.001 is not below one over the number of training records"):
+    with pytest.raises(
+        InputError, match=r"privacy\.delta = 0\.001 is not below one over the number of training records"
+    ):
         plan_round(privacy, [], q=Q, steps=STEPS, planned_rounds=1, n_train=2000, expected_batch=16.0)
 
 
