@@ -79,12 +79,12 @@ def _dp_accounting_epsilon(releases: tuple[Release, ...], delta: float, kind: Ki
         accountant = pld.PLDAccountant(
             value_discretization_interval=PLD_COARSE_INTERVAL if kind == "pld-coarse" else PLD_INTERVAL
         )
-    accountant.compose(dp_accounting.ComposedDpEvent(events))
     # RDP logs each order it leaves out for not converging (that only makes it looser).
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
+        accountant.compose(dp_accounting.ComposedDpEvent(events))
         return float(accountant.get_epsilon(delta))
     finally:
         absl_logger.setLevel(level)
