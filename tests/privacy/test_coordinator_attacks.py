@@ -4,7 +4,6 @@ before the fix."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -35,6 +34,7 @@ from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, privacy_dir
 from fedglm.server.countersign import Countersigner
 from tests.clients.handler import site_context, train_message
 from tests.privacy.helpers import Site, ledger_of
+from tests.server.test_countersign import BASE, BLOB, entry
 
 CPU = torch.device("cpu")
 MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=48, max_seq_len=64)
@@ -207,43 +207,18 @@ def chain(n: int, key: Ed25519PrivateKey, **changes: Any) -> list[dict[str, Any]
     lines: list[dict[str, Any]] = []
     prev = GENESIS
     for sequence in range(n):
-        entry = {
-            "format": "fedglm-ledger/2",
-            "client": "site-a",
-            "key": key_id(key.public_key()),
-            "run": "run-1",
-            "round": sequence + 1,
-            "sequence": sequence,
-            "unit": "record",
-            "sampler": "poisson",
-            "q": 0.05,
-            "sigma": 1.0,
-            "steps": 20,
-            "clip_norm": 1.0,
-            "delta": 1e-5,
-            "accountant": "prv",
-            "accountant_version": "opacus 1.6.0",
-            "epsilon": 1.0 + sequence,
-            "budget": 8.0,
-            "expected_batch": 16.0,
-            "record_count_public": False,
-            "mode": "hooks",
-            "precision": "fp32",
-            "model_received": BASE.hex(),
-            "update_sent": hashlib.sha256(BLOB).hexdigest(),
-            "config_hash": "cd" * 32,
-            "prev": prev,
-            "time": "2026-11-30T00:00:00+00:00",
-            **changes,
-        }
-        line = sign_line(entry, key)
+        fields = entry(
+            key=key_id(key.public_key()),
+            run="run-1",
+            round=sequence + 1,
+            sequence=sequence,
+            epsilon=1.0 + sequence,
+            prev=prev,
+        )
+        line = sign_line({**fields, **changes}, key)
         lines.append(line)
         prev = line["hash"]
     return lines
-
-
-BLOB = b"the update"
-BASE = bytes(range(32))
 
 
 def sent(
