@@ -64,6 +64,21 @@ ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+# The values an accountant can take (a line outside them is malformed, not a claim to check).
+RANGES: dict[str, tuple[float, float, str]] = {
+    "sequence": (0, 2**53, "expected a sequence number from 0"),
+    "round": (0, 2**53, "expected a round number from 0"),
+    "steps": (1, 10**9, "expected 1 to 1e9 steps"),
+    "q": (0.0, 1.0, "expected a sampling rate in (0, 1]"),
+    "sigma": (0.0, 1e6, "expected a noise multiplier in (0, 1e6]"),
+    "delta": (0.0, 0.5, "expected a delta in (0, 0.5]"),
+    "epsilon": (0.0, 1e6, "expected an epsilon in [0, 1e6]"),
+    "budget": (0.0, 1e6, "expected a budget in [0, 1e6]"),
+    "clip_norm": (0.0, 1e9, "expected a positive clipping norm"),
+    "expected_batch": (1.0, 1e9, "expected an expected batch size of at least 1"),
+}
+
+
 def canonical(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no whitespace, ASCII only, no NaN or infinity."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
@@ -112,6 +127,11 @@ def _check_fields(entry: Any) -> str | None:
             return f"field '{name}' is not finite"
     if entry["format"] != FORMAT:
         return f"format is {entry['format']!r}, expected {FORMAT!r}"
+    for name, (low, high, what) in RANGES.items():
+        if not low <= entry[name] <= high:
+            return f"field '{name}' is {entry[name]!r}, {what}"
+    if entry["q"] <= 0 or entry["sigma"] <= 0 or entry["delta"] <= 0:
+        return "q, sigma and delta must be positive"
     return None
 
 

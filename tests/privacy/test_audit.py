@@ -166,3 +166,12 @@ def test_lines_re_signed_with_another_key_fail(site: Site, tmp_path: Path) -> No
     forged.write_text("\n".join(lines) + "\n")
     code, _, err = audit(site, ledger=forged)
     assert code == 1 and "line 2" in err
+
+
+@pytest.mark.parametrize(("field", "value"), [("q", 2.0), ("sigma", -1.0), ("sequence", -1), ("steps", 0)])
+def test_a_value_no_accountant_takes_is_a_malformed_line_not_a_traceback(
+    site: Site, tmp_path: Path, field: str, value: float
+) -> None:
+    code, _, err = audit(site, ledger=_re_signed(site, tmp_path, **{field: value}))
+    assert code == 1 and (f"field '{field}'" in err or "must be positive" in err)
+    assert "Traceback" not in err
