@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedglm.atomic import atomic_write
-from fedglm.errors import InputError
+from fedglm.errors import InputError, check_out_folder
 
 CERT_FILES = ("ca.crt", "ca.key", "server.pem", "server.key")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
@@ -70,12 +70,16 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     atomic_write(path, lambda handle: handle.write(pem))
 
 
+MAX_DAYS = 36_525
+
+
 def make_certificates(
     folder: Path, *, hosts: Sequence[str], days: int = 365, overwrite: bool = False
 ) -> CertPaths:
     """Create a CA and a server certificate valid for `hosts` (IP addresses or DNS names)."""
-    if days < 1:
-        raise InputError(f"--days {days}: must be at least 1")
+    if not 1 <= days <= MAX_DAYS:
+        raise InputError(f"--days {days}: must be from 1 to {MAX_DAYS} (100 years)")
+    check_out_folder(folder)
     if not hosts:
         raise InputError("give at least one --host the coordinator is reached at")
     paths = cert_paths(folder)

@@ -221,7 +221,7 @@ class PruningConfig(_Section):
 class FederationConfig(_Section):
     """What the coordinator runs: rounds, sampling, aggregation, model and local training."""
 
-    rounds: int = Field(default=3, ge=1)
+    rounds: int = Field(default=3, ge=1, le=100_000)
     min_clients: int = Field(default=2, ge=1)
     fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
     weighting: Literal["uniform", "records"] = "uniform"
@@ -561,12 +561,29 @@ class SimulateConfig(_Section):
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a real config is a few kilobytes
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a few hundred bytes of nested aliases expand to
+    billions of nodes (a "billion laughs"), and no fedglm config needs them."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            message = "aliases (*name) are not allowed in fedglm configs; write the value out"
+            raise yaml.composer.ComposerError(None, None, message, mark)
+        return super().compose_node(parent, index)
+
+
 def load_config(path: Path, cls: type[ConfigT]) -> ConfigT:
     """Read a YAML file into `cls`, or raise one `InputError` line saying what to fix."""
     if not path.is_file():
         raise InputError(f"config file {path} does not exist (or is not a file)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InputError(f"config file {path} is {path.stat().st_size:,} bytes; a config is at most 1 MiB")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # a SafeLoader
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
     except yaml.YAMLError as exc:

@@ -8,6 +8,8 @@ Every message is one line that names what is wrong and how to fix it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class FedglmError(Exception):
     """Base class: an expected failure with a one-line message for the user."""
@@ -32,3 +34,9 @@ class Unverified(FedglmError):
     coordinator's receipts): exit code 3."""
 
     exit_code = 3
+
+
+def check_out_folder(folder: Path, option: str = "--out") -> None:
+    """Refuse an output folder that names an existing file (before anything is written)."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {folder} is an existing file, not a folder; name a folder")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fedglm.cli.common import reports_errors
-from fedglm.errors import InputError
+from fedglm.errors import InputError, check_out_folder
 from fedglm.partition import partition_csv
 
 
@@ -23,6 +23,7 @@ def partition(
     """Deduplicate texts, then deal whole labels to sites (non-IID, balanced in size)."""
     if not source.is_file():
         raise InputError(f"{source} does not exist (or is not a file)")
+    check_out_folder(out)
     parts = partition_csv(source, text_column=text_column, label_column=by, sites=sites, out_dir=out)
     for part in parts:
         labels = ", ".join(part.labels[:4]) + (" ..." if len(part.labels) > 4 else "")

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import console, status
 from fedglm.config import PretrainConfig, load_config
+from fedglm.errors import check_out_folder
 from fedglm.pretrain import BASE_FILE, MANIFEST_FILE, pretrain
 
 
@@ -20,6 +21,7 @@ def pretrain_command(
 ) -> None:
     """Train a base model on public text only; resumable; writes base.pt and base.json."""
     cfg = load_config(config, PretrainConfig)
+    check_out_folder(cfg.out_dir, f"{config}: out_dir")
     status(f"pretraining a {cfg.model.preset} model on public text for {cfg.steps} steps into {cfg.out_dir}")
     with Progress(
         TextColumn("pretrain"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedglm.atomic import atomic_write_text
-from fedglm.errors import InputError
+from fedglm.errors import InputError, check_out_folder
 
 
 def key_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
@@ -25,6 +26,12 @@ def key_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
 
 def make_keys(out_dir: Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write a new key pair; refuses to replace an existing private key unless `overwrite`."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or ".." in name:
+        raise InputError(
+            f"--name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (no path separators); "
+            "the files go into --out"
+        )
+    check_out_folder(out_dir)
     private_path, public_path = key_paths(out_dir, name)
     if private_path.exists() and not overwrite:
         raise InputError(

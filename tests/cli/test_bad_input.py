@@ -204,3 +204,38 @@ def test_a_hospital_base_hash_that_is_not_a_hash(tmp_path: Path) -> None:
     path = hospital(tmp_path)
     path.write_text(path.read_text() + "base_hash: abc\n")
     assert_one_line(*run("client", "--config", str(path)), "base_hash = 'abc'")
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    """367 bytes of nested aliases would expand to billions of nodes when validated."""
+    config = tmp_path / "bomb.yaml"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for name, prev in zip("bcdefgh", "abcdefg", strict=True):
+        lines.append(f"{name}: &{name} [{','.join([f'*{prev}'] * 9)}]")
+    config.write_text("\n".join(lines) + "\nfederation: *h\n")
+    assert_one_line(*run("server", "--config", str(config)), "aliases (*name) are not allowed")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["certs", "--out", "{file}", "--host", "127.0.0.1"],
+        ["keys", "--out", "{file}"],
+        ["partition", "{csv}", "--by", "label", "--sites", "2", "--out", "{file}"],
+    ],
+)
+def test_an_out_folder_that_is_a_file_is_refused(tmp_path: Path, args: list[str]) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+    (tmp_path / "c.csv").write_text("transcription,label\na,x\nb,y\n")
+    paths = {"file": str(tmp_path / "taken"), "csv": str(tmp_path / "c.csv")}
+    assert_one_line(*run(*(a.format(**paths) for a in args)), "is an existing file, not a folder")
+    assert (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_absurd_certificate_validity_and_key_names_are_refused(tmp_path: Path) -> None:
+    assert_one_line(
+        *run("certs", "--out", str(tmp_path / "c"), "--host", "127.0.0.1", "--days", "99999999"),
+        "--days 99999999",
+    )
+    assert_one_line(*run("keys", "--out", str(tmp_path / "k"), "--name", "../../x"), "no path separators")
+    assert not (tmp_path / "x.key").exists() and not (tmp_path.parent / "x.key").exists()

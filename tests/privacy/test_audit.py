@@ -175,3 +175,13 @@ def test_a_value_no_accountant_takes_is_a_malformed_line_not_a_traceback(
     code, _, err = audit(site, ledger=_re_signed(site, tmp_path, **{field: value}))
     assert code == 1 and (f"field '{field}'" in err or "must be positive" in err)
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "bad", ['{"entry": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000], ids=["huge-integer", "deep"]
+)
+def test_a_hostile_line_fails_the_audit_with_one_line(site: Site, tmp_path: Path, bad: str) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(site.ledger.read_text() + bad + "\n")
+    code, _, err = audit(site, ledger=ledger)
+    assert code == 1 and "line 4: not one unambiguous JSON object" in err and "Traceback" not in err
