@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,41 @@ from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, FederationConfig, PretrainConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
-from fedglm.modelcard import RELEASE_DIR
+from fedglm.errors import InputError
 from fedglm.pretrain import BASE_FILE, OtherConfigState, federation_from_base, pretrain
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.coordinator import RowCallback, execute_run, write_spec
-from fedglm.server.countersign import LEDGER_COPIES
 from fedglm.server.superlink import TLSFiles, start_superlink
+
+SIMULATION_MARK = "SIMULATION"  # in a run folder made by `fedglm simulate`
+PREVIOUS = "previous"
+REUSED = ("base", "data", SIMULATION_MARK, PREVIOUS)  # kept in place between simulations
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse a run folder that is a file, or a non-empty folder no simulation made."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is an existing file, not a folder; name a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SIMULATION_MARK).exists():
+        raise InputError(
+            f"--out {out_dir} is not empty and holds no earlier simulation; name a new or empty "
+            "folder (fedglm simulate keeps each earlier simulation's results under <out>/previous/)"
+        )
+
+
+def keep_earlier_run(out_dir: Path, on_status: Callable[[str], None]) -> None:
+    """Move what an earlier simulation left in `out_dir` aside, then mark the folder as ours."""
+    earlier = sorted(p for p in out_dir.iterdir() if p.name not in REUSED) if out_dir.is_dir() else []
+    if earlier:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")
+        kept = out_dir / PREVIOUS / stamp
+        kept.mkdir(parents=True)
+        for path in earlier:
+            path.rename(kept / path.name)
+        on_status(f"the earlier simulation's results, ledgers and keys are kept in {kept}")
+    atomic_write_text(out_dir / SIMULATION_MARK, "a run folder of fedglm simulate\n")
 
 
 def simulated_sites(config: SimulateConfig, out_dir: Path) -> list[SiteSpec]:
@@ -187,18 +215,22 @@ def run_simulation(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run the simulation; returns the metrics rows and each DP site's `privacy_rows`.
 
-    Every simulation starts fresh: `<out>/sites/` (site specs, models, residuals, ledgers,
-    keys), the coordinator's receipts and ledger copies, and `<out>/release/` from an earlier
-    simulation there are removed first.
-    A site whose own `state_dir` lies outside `<out>/sites/` keeps it, ledger included.
+    Every input is checked before anything is written (`check_out_dir`, the sites' data).
+    Every simulation then starts fresh, and deletes nothing: what an earlier simulation left in
+    `<out>` (metrics, checkpoint, sites with their ledgers and keys, receipts, release) is
+    moved into `<out>/previous/<time>/`; only the pretrained base and the generated corpus
+    are reused. A site whose own `state_dir` lies outside `<out>` keeps it, ledger included.
     """
     out_dir = out_dir.absolute()
-    for owned in (out_dir / "sites", out_dir / "receipts", out_dir / LEDGER_COPIES, out_dir / RELEASE_DIR):
-        shutil.rmtree(owned, ignore_errors=True)
+    check_out_dir(out_dir)
+    for site in config.sites or []:
+        on_status(describe_site_data(site))  # bad data fails here, before anything is touched
+    keep_earlier_run(out_dir, on_status)
     sites = simulated_sites(config, out_dir)
     ensure_signing_keys(sites)
-    for site in sites:
-        on_status(describe_site_data(site))  # bad data fails here, before anything starts
+    if config.sites is None:
+        for site in sites:
+            on_status(describe_site_data(site))
     federation = simulation_federation(config, out_dir, on_status)
     with local_stack(sites, out_dir, on_status=on_status) as stack:
         on_status(f"running {federation.rounds} rounds")

@@ -1,0 +1,60 @@
+"""`fedglm simulate` checks every input before it touches the run folder, and deletes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedglm.cli.main import app
+from fedglm.errors import InputError
+from fedglm.simulate import PREVIOUS, SIMULATION_MARK, check_out_dir, keep_earlier_run
+
+
+def earlier_simulation(out: Path) -> None:
+    """What a finished simulation leaves: its mark, results, a site's ledger and key, a base."""
+    for name, text in {
+        SIMULATION_MARK: "",
+        "metrics.jsonl": "{}\n",
+        "DONE": "",
+        "sites/site-1/state/privacy/ledger.jsonl": "a ledger line\n",
+        "sites/site-1/state/ledger.key": "a key",
+        "base/base.pt": "a cached base",
+    }.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_bad_data_leaves_an_earlier_simulation_untouched(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    earlier_simulation(out)
+    before = snapshot(out)
+    config = tmp_path / "s.yaml"
+    site = "    data: {path: missing.csv, field: text}\n    privacy: {sample_rate: 0.1}\n"
+    config.write_text("sites:\n" + "".join(f"  - name: h{i}\n{site}" for i in (1, 2, 3)))
+    result = CliRunner().invoke(app, ["simulate", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 2 and "missing.csv" in result.stderr, result.output
+    assert snapshot(out) == before
+
+
+def test_a_folder_no_simulation_made_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "thesis.tex").write_text("years of work")
+    with pytest.raises(InputError, match="holds no earlier simulation"):
+        check_out_dir(tmp_path)
+    with pytest.raises(InputError, match="existing file"):
+        check_out_dir(tmp_path / "thesis.tex")
+    check_out_dir(tmp_path / "new")  # a new folder, or an empty one, is fine
+
+
+def test_an_earlier_simulation_is_moved_aside_not_deleted(tmp_path: Path) -> None:
+    earlier_simulation(tmp_path)
+    keep_earlier_run(tmp_path, on_status=lambda _: None)
+    [kept] = list((tmp_path / PREVIOUS).iterdir())
+    assert (kept / "sites/site-1/state/privacy/ledger.jsonl").read_text() == "a ledger line\n"
+    assert (kept / "sites/site-1/state/ledger.key").exists() and (kept / "metrics.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", PREVIOUS, SIMULATION_MARK])
