@@ -228,6 +228,9 @@ class FederationConfig(_Section):
     # Accept only updates that come with a signed ledger entry (DP-SGD at the site).
     require_dp: bool = True
     round_timeout_s: float = Field(default=900.0, gt=0.0)
+    # The largest L2 norm one site's update may add (larger ones are scaled down to it); the
+    # round's own bound (4x the sites' lower-median norm) applies too (`server/strategy.py`).
+    max_update_norm: float = Field(default=1000.0, gt=0.0, le=1e6)
     seed: int = 0
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

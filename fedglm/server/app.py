@@ -110,6 +110,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         pruning=fed.pruning,
         mask=mask,
         lora_scale=lora.scale if lora else None,
+        max_update_norm=fed.max_update_norm,
     )
     strategy.summary()
 

@@ -183,6 +183,8 @@ def run_rounds(
             "rejected_updates": sum(rejections.values()),
             "rejections": rejections,
             "declined": declined,
+            "clipped_updates": int(train_metrics.get("clipped", 0)),
+            "update_norm_bound": train_metrics.get("update-norm-bound"),
             "epsilon_max": None,  # filled by the ServerApp from its receipts
             "seconds": round(time.perf_counter() - start, 3),
         }

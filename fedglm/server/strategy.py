@@ -15,6 +15,13 @@ payloads (`compression/FORMAT.md`), never the model as dense tensors.
 - At the rounds of the pruning schedule, the global model (with LoRA: merged with its
   adapters) is ranked and sliced before the round's messages are built (`fedglm/pruning.py`);
   every later message carries the mask.
+- Each site's contribution is bounded: an update whose L2 norm exceeds the round's bound is
+  scaled down to it (clipped, not rejected: an honest site with an unusually large update
+  still counts, with bounded influence). The bound is the smaller of the coordinator's
+  `federation.max_update_norm` and, with at least three sites, `ADAPTIVE_FACTOR` times the
+  lower median of the round's update norms, so a minority of sites cannot move the model much
+  further than honest sites do, and the aggregate stays finite whatever arrives. Clipped
+  updates and the bound are reported in `metrics.jsonl`.
 - Weights are uniform by default, because a site's record count is private; a coordinator may
   ask for record-count weights, used only in a round where every replying site declared its
   count public.
@@ -35,7 +42,7 @@ from flwr.common import MessageType, log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedglm.compression import CODECS, Kind, PayloadError, check_header, decode
+from fedglm.compression import CODECS, Decoded, Kind, PayloadError, check_header, decode
 from fedglm.config import CompressionConfig, PruningConfig
 from fedglm.lora import merge_adapters
 from fedglm.model import GLMArgs
@@ -54,6 +61,16 @@ from fedglm.server.countersign import BAD_LEDGER, Countersigner
 
 Weighting = Literal["uniform", "records"]
 REJECTED_PREFIX = "rejected/"
+ADAPTIVE_FACTOR = 4.0  # a site's update may be this many times the round's lower-median norm
+
+
+def update_norm(tensors: Iterable[Decoded]) -> float:
+    """The L2 norm of a decoded update, in float64 (finite for any finite fp32 values)."""
+    total = 0.0
+    for tensor in tensors:
+        values = tensor.values.astype(np.float64)
+        total += float(np.dot(values, values))
+    return math.sqrt(total)
 
 
 class FedglmAvg:
@@ -74,6 +91,7 @@ class FedglmAvg:
         pruning: PruningConfig | None = None,
         mask: Mask | None = None,
         lora_scale: float | None = None,
+        max_update_norm: float = math.inf,
     ) -> None:
         if require_dp and countersigner is None:
             raise ValueError("require_dp needs a countersigner")
@@ -92,6 +110,7 @@ class FedglmAvg:
         self.pruning = pruning or PruningConfig()
         self.mask = mask or (Mask.full(model_args) if model_args is not None else None)
         self.lora_scale = lora_scale  # set when sites train LoRA adapters: rank the merged model
+        self.max_update_norm = max_update_norm
         self._allocate()
 
     def _allocate(self) -> None:
@@ -214,12 +233,8 @@ class FedglmAvg:
                 good.append(reply)
         weights = self._weights([_metrics(r) for r in good], server_round)
         rejected: Counter[str] = Counter()
-        for total in self._sum.values():
-            total.fill(0.0)
-        accepted: list[MetricRecord] = []
-        weight_sum = 0.0
+        checked: list[tuple[Message, float, bytes, float]] = []  # reply, weight, payload, norm
         for reply, weight in zip(good, weights, strict=True):
-            node = reply.metadata.src_node_id
             try:
                 blob = read_payload(reply.content)
                 if blob is None:
@@ -233,19 +248,34 @@ class FedglmAvg:
                     WARNING,
                     "round %d: left out the update of node %d (%s): %s",
                     server_round,
-                    node,
+                    reply.metadata.src_node_id,
                     exc.reason,
                     exc,
                 )
                 continue
+            checked.append((reply, weight, blob, update_norm(tensors.values())))
+        bound = self._norm_bound([norm for *_, norm in checked])
+        for total in self._sum.values():
+            total.fill(0.0)
+        accepted: list[MetricRecord] = []
+        weight_sum, clipped = 0.0, 0
+        for reply, weight, blob, norm in checked:
+            scale = 1.0
+            if norm > bound:
+                scale, clipped = bound / norm, clipped + 1
+            # Decoded again rather than kept: memory stays linear in the model, not in the sites.
+            _, tensors = decode(blob, self.broadcast.update_shapes)
             for name, change in tensors.items():
-                change.add_to(self._sum[name], weight)
+                change.add_to(self._sum[name], weight * scale)
             weight_sum += weight
             accepted.append(_metrics(reply))
-            self.broadcast.holds(node)
+            self.broadcast.holds(reply.metadata.src_node_id)
         metrics = _mean_metrics(accepted, ("train_loss",))
         metrics["clients"] = len(accepted)
         metrics["declined"] = declined
+        metrics["clipped"] = clipped
+        if math.isfinite(bound):
+            metrics["update-norm-bound"] = bound
         for reason, count in rejected.items():
             metrics[REJECTED_PREFIX + reason] = count
         if not accepted:
@@ -257,6 +287,12 @@ class FedglmAvg:
             self._sum, server_round, codec=CODECS[down.codec], density=down.density, selection=down.selection
         )
         return metrics
+
+    def _norm_bound(self, norms: list[float]) -> float:
+        """The largest L2 norm one site's update may have this round (see the module docstring)."""
+        positive = sorted(n for n in norms if n > 0)
+        adaptive = ADAPTIVE_FACTOR * positive[(len(positive) - 1) // 2] if len(positive) >= 3 else math.inf
+        return min(self.max_update_norm, adaptive)
 
     def _countersign(self, reply: Message, blob: bytes, server_round: int) -> None:
         ledger = reply.content.config_records.get(LEDGER_KEY)

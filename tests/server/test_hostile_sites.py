@@ -52,3 +52,42 @@ def test_a_malformed_ledger_record_is_rejected_and_the_round_goes_on(
     assert metrics is not None and metrics["clients"] == 1
     assert metrics[REJECTED_PREFIX + "bad-ledger"] == 1
     assert not list(tmp_path.glob("*.jsonl"))  # nothing countersigned
+
+
+def plain_strategy(max_update_norm: float = 1000.0) -> FedglmAvg:
+    broadcast = Broadcast({name: torch.zeros(shape) for name, shape in SHAPES.items()}, initial=True)
+    return FedglmAvg(
+        broadcast=broadcast,
+        compression=DENSE_DOWNLINK,
+        run_key="run",
+        min_clients=1,
+        require_dp=False,
+        max_update_norm=max_update_norm,
+    )
+
+
+@pytest.mark.parametrize("value", [2e38, 1e30])
+def test_huge_updates_are_clipped_and_the_model_stays_finite_and_bounded(value: float) -> None:
+    """Two sites send every value 2e38 (the sum used to overflow and kill the run), or one
+    finite 1e30 update (it used to replace the global model)."""
+    strategy = plain_strategy()
+    honest = [FakeReply(update(strategy, 0.01), {}, node=n) for n in (1, 2, 3)]
+    hostile = [FakeReply(update(strategy, value), {}, node=n) for n in (4, 5)]
+    metrics = strategy.aggregate_train(1, replies(*honest, *hostile))
+    assert metrics is not None and metrics["clients"] == 5 and metrics["clipped"] == 2
+    bound = metrics["update-norm-bound"]
+    honest_norm = 0.01 * 6**0.5  # six values of 0.01
+    assert bound == pytest.approx(4 * honest_norm, rel=1e-5)
+    state = torch.cat([t.reshape(-1) for t in strategy.broadcast.state.values()])
+    assert bool(torch.isfinite(state).all())
+    # the average moved no further than five sites at the bound would move it
+    assert float(state.norm()) <= bound * (1 + 1e-5)
+    strategy.aggregate_train(2, replies(FakeReply(update(strategy, 0.01), {}, node=1)))  # the run goes on
+
+
+def test_the_coordinators_bound_applies_with_few_sites() -> None:
+    strategy = plain_strategy(max_update_norm=1.0)
+    metrics = strategy.aggregate_train(1, replies(FakeReply(update(strategy, 3e38), {}, node=1)))
+    assert metrics is not None and metrics["clipped"] == 1 and metrics["update-norm-bound"] == 1.0
+    state = torch.cat([t.reshape(-1) for t in strategy.broadcast.state.values()])
+    assert bool(torch.isfinite(state).all()) and float(state.norm()) <= 1.0 + 1e-5
