@@ -28,6 +28,7 @@ from fedglm.pretrain import BASE_FILE, OtherConfigState, federation_from_base, p
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
+from fedglm.server.app import SPEC_NAME
 from fedglm.server.coordinator import RowCallback, execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, start_superlink
 
@@ -40,11 +41,18 @@ def check_out_dir(out_dir: Path) -> None:
     """Refuse a run folder that is a file, or a non-empty folder no simulation made."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is an existing file, not a folder; name a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SIMULATION_MARK).exists():
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _earlier_simulation(out_dir):
         raise InputError(
             f"--out {out_dir} is not empty and holds no earlier simulation; name a new or empty "
             "folder (fedglm simulate keeps each earlier simulation's results under <out>/previous/)"
         )
+
+
+def _earlier_simulation(out_dir: Path) -> bool:
+    """Marked by a simulation, or (made before the mark existed) a run folder with sites."""
+    if (out_dir / SIMULATION_MARK).exists():
+        return True
+    return (out_dir / SPEC_NAME).is_file() and (out_dir / "sites").is_dir()
 
 
 def keep_earlier_run(out_dir: Path, on_status: Callable[[str], None]) -> None:

@@ -49,6 +49,10 @@ def test_a_folder_no_simulation_made_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="existing file"):
         check_out_dir(tmp_path / "thesis.tex")
     check_out_dir(tmp_path / "new")  # a new folder, or an empty one, is fine
+    legacy = tmp_path / "legacy"  # a simulation made before the mark existed
+    (legacy / "sites").mkdir(parents=True)
+    (legacy / "run-spec.json").write_text("{}")
+    check_out_dir(legacy)
 
 
 def test_an_earlier_simulation_is_moved_aside_not_deleted(tmp_path: Path) -> None:
