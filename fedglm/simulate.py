@@ -23,7 +23,7 @@ from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, FederationConfig, PretrainConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
-from fedglm.errors import InputError
+from fedglm.errors import InputError, check_out_folder
 from fedglm.pretrain import BASE_FILE, OtherConfigState, federation_from_base, pretrain
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
@@ -39,8 +39,7 @@ REUSED = ("base", "data", SIMULATION_MARK, PREVIOUS)  # kept in place between si
 
 def check_out_dir(out_dir: Path) -> None:
     """Refuse a run folder that is a file, or a non-empty folder no simulation made."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is an existing file, not a folder; name a folder")
+    check_out_folder(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not _earlier_simulation(out_dir):
         raise InputError(
             f"--out {out_dir} is not empty and holds no earlier simulation; name a new or empty "

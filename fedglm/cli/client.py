@@ -12,11 +12,11 @@ from fedglm.atomic import atomic_write_text
 from fedglm.certs import check_certificate_file
 from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import status
-from fedglm.clients.app import SITE_NAME, describe_site_data, load_site_data
+from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import preflight, start_supernode
 from fedglm.config import HospitalConfig, load_config
 from fedglm.errors import CheckFailed, InputError
-from fedglm.privacy.site import check_delta, describe_site_privacy
+from fedglm.privacy.site import describe_site_privacy
 from fedglm.processes import check_port_free
 from fedglm.server.superlink import check_insecure_allowed
 
@@ -39,9 +39,8 @@ def client(
     cfg = load_config(config, HospitalConfig)
     ca_cert = _ca_cert(cfg, insecure, config)
     check_port_free("127.0.0.1", cfg.runtime_port, "runtime_port")
-    status(describe_site_data(cfg.site_spec()))  # bad data fails here, before anything starts
-    if cfg.privacy.enabled:  # so do a missing signing key, a damaged ledger, a delta too large
-        check_delta(cfg.privacy, len(load_site_data(cfg.site_spec()).train), private=False)
+    status(describe_site_data(cfg.site_spec()))  # bad data or a delta too large fail here, first
+    if cfg.privacy.enabled:  # so do a missing signing key and a damaged ledger
         status(describe_site_privacy(cfg.site_spec()))
     spec_path = cfg.state_dir / SITE_NAME
     atomic_write_text(spec_path, cfg.site_spec().model_dump_json(indent=2) + "\n")

@@ -64,6 +64,7 @@ from fedglm.privacy.keys import load_private_key, public_pem
 from fedglm.privacy.site import (
     MAX_CATCH_UP,
     Decline,
+    check_delta,
     config_hash,
     expected_batch,
     keep_receipt,
@@ -99,8 +100,12 @@ def load_site_data(site: SiteSpec) -> SiteData:
 
 
 def describe_site_data(site: SiteSpec) -> str:
-    """Read and split the site's records as training will, and say what was found."""
+    """Read and split the site's records as training will, check privacy.delta against them
+    (with the count: this runs before the site connects, not in the ClientApp), and say what
+    was found."""
     data = load_site_data(site)
+    if site.privacy.enabled:
+        check_delta(site.privacy, len(data.train), private=False)
     return (
         f"{site.name}: {len(data.train) + len(data.val)} records in {site.data.path} "
         f"({len(data.train)} train, {len(data.val)} validation)"

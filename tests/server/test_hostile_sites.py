@@ -13,10 +13,9 @@ from flwr.app import ConfigRecord
 
 from fedglm.payload import LEDGER_KEY
 from fedglm.privacy.keys import public_pem
-from fedglm.server.broadcast import Broadcast
 from fedglm.server.countersign import Countersigner
-from fedglm.server.strategy import REJECTED_PREFIX, FedglmAvg
-from tests.server.test_strategy import DENSE_DOWNLINK, SHAPES, FakeReply, replies, update
+from fedglm.server.strategy import REJECTED_PREFIX
+from tests.server.test_strategy import FakeReply, make_strategy, replies, update
 
 PEM = public_pem(Ed25519PrivateKey.generate().public_key())
 
@@ -36,15 +35,7 @@ PEM = public_pem(Ed25519PrivateKey.generate().public_key())
 def test_a_malformed_ledger_record_is_rejected_and_the_round_goes_on(
     tmp_path: Path, record: dict[str, Any]
 ) -> None:
-    broadcast = Broadcast({name: torch.zeros(shape) for name, shape in SHAPES.items()}, initial=True)
-    strategy = FedglmAvg(
-        broadcast=broadcast,
-        compression=DENSE_DOWNLINK,
-        run_key="run",
-        min_clients=1,
-        countersigner=Countersigner(Ed25519PrivateKey.generate(), tmp_path, "run"),
-        require_dp=False,
-    )
+    strategy = make_strategy(countersigner=Countersigner(Ed25519PrivateKey.generate(), tmp_path, "run"))
     honest = FakeReply(update(strategy, 1.0), {}, node=1)
     hostile = FakeReply(update(strategy, 1.0), {}, node=2)
     hostile.content[LEDGER_KEY] = ConfigRecord(record)
@@ -54,23 +45,11 @@ def test_a_malformed_ledger_record_is_rejected_and_the_round_goes_on(
     assert not list(tmp_path.glob("*.jsonl"))  # nothing countersigned
 
 
-def plain_strategy(max_update_norm: float = 1000.0) -> FedglmAvg:
-    broadcast = Broadcast({name: torch.zeros(shape) for name, shape in SHAPES.items()}, initial=True)
-    return FedglmAvg(
-        broadcast=broadcast,
-        compression=DENSE_DOWNLINK,
-        run_key="run",
-        min_clients=1,
-        require_dp=False,
-        max_update_norm=max_update_norm,
-    )
-
-
 @pytest.mark.parametrize("value", [2e38, 1e30])
 def test_huge_updates_are_clipped_and_the_model_stays_finite_and_bounded(value: float) -> None:
     """Two sites send every value 2e38 (the sum used to overflow and kill the run), or one
     finite 1e30 update (it used to replace the global model)."""
-    strategy = plain_strategy()
+    strategy = make_strategy(max_update_norm=1000.0)
     honest = [FakeReply(update(strategy, 0.01), {}, node=n) for n in (1, 2, 3)]
     hostile = [FakeReply(update(strategy, value), {}, node=n) for n in (4, 5)]
     metrics = strategy.aggregate_train(1, replies(*honest, *hostile))
@@ -86,7 +65,7 @@ def test_huge_updates_are_clipped_and_the_model_stays_finite_and_bounded(value: 
 
 
 def test_the_coordinators_bound_applies_with_few_sites() -> None:
-    strategy = plain_strategy(max_update_norm=1.0)
+    strategy = make_strategy(max_update_norm=1.0)
     metrics = strategy.aggregate_train(1, replies(FakeReply(update(strategy, 3e38), {}, node=1)))
     assert metrics is not None and metrics["clipped"] == 1 and metrics["update-norm-bound"] == 1.0
     state = torch.cat([t.reshape(-1) for t in strategy.broadcast.state.values()])

@@ -1,4 +1,5 @@
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,13 @@ class FakeReply:
         return False
 
 
-def make_strategy(weighting: str = "uniform") -> FedglmAvg:
+def make_strategy(
+    weighting: str = "uniform",
+    *,
+    countersigner: Countersigner | None = None,
+    max_update_norm: float = math.inf,
+) -> FedglmAvg:
+    """Averaging of dense updates that does not require DP (a ledger is checked if sent)."""
     broadcast = Broadcast({name: torch.zeros(shape) for name, shape in SHAPES.items()}, initial=True)
     return FedglmAvg(
         broadcast=broadcast,
@@ -42,7 +49,9 @@ def make_strategy(weighting: str = "uniform") -> FedglmAvg:
         run_key="run",
         min_clients=1,
         weighting=weighting,  # type: ignore[arg-type]
+        countersigner=countersigner,
         require_dp=False,
+        max_update_norm=max_update_norm,
     )
 
 
