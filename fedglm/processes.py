@@ -1,8 +1,10 @@
 """Starting, watching and stopping Flower's own processes (SuperLink, SuperNode).
 
 Each process runs in its own session (so it and the children Flower starts under it can be
-stopped together), with its own `FLWR_HOME`, its output in a log file, and the venv's `bin`
-first on PATH (Flower finds `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` there).
+stopped together) and dies with the fedglm process that started it (`die_with_parent`), with
+its own `FLWR_HOME`, its output in a log file, and the venv's `bin` first on PATH (Flower finds
+`flower-superexec`, `flwr-serverapp`, `flwr-clientapp` there; fedglm's guarded shims of them
+come first, see `fedglm/app_bundle.py`).
 """
 
 from __future__ import annotations
@@ -93,10 +95,19 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the fedglm process dies, even by SIGKILL."""
-    if sys.platform == "linux":
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies, even by SIGKILL (Linux).
+
+    Called in every process fedglm starts or that Flower starts for it (SuperLink, SuperNode,
+    SuperExec, ServerApp, ClientApp), so killing `fedglm server`, `client` or `simulate` takes
+    the whole tree down at once: no orphan keeps training and spending a site's budget.
+    """
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request: the signal would never come
+        os._exit(1)
 
 
 def start(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> ManagedProcess:
@@ -109,7 +120,7 @@ def start(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Ma
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     return ManagedProcess(name=name, popen=popen, log_path=log_path, _log=log)
 

@@ -21,33 +21,17 @@ to the hospitals, since the Control API on it has no authentication in open-sour
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-ALLOWED_ENV = "FEDGLM_ALLOWED_FAB_SHA256"
+from fedglm.app_bundle import ALLOWED_ENV, allowed_hashes, check_fab, write_shim
+from fedglm.processes import die_with_parent
 
-
-class AppRefused(RuntimeError):
-    """The submitted app bundle is not fedglm's own."""
-
-
-def allowed_hashes() -> set[str]:
-    value = os.environ.get(ALLOWED_ENV, "")
-    return {h.strip().lower() for h in value.split(",") if h.strip()}
-
-
-def check_fab(content: bytes, claimed_hash: str, allowed: set[str]) -> None:
-    digest = hashlib.sha256(content).hexdigest()
-    if digest not in allowed:
-        raise AppRefused(f"refused app bundle sha256={digest}: this site runs only fedglm's own app")
-    if claimed_hash != digest:
-        raise AppRefused(f"refused app bundle: claimed hash {claimed_hash} is not its sha256 {digest}")
+SHIM_NAME = "flwr-clientapp"
 
 
 def _install_guard() -> None:
@@ -73,6 +57,7 @@ def _install_guard() -> None:
 
 def main() -> None:
     """Entry point of the guarded `flwr-clientapp` (same arguments as Flower's)."""
+    die_with_parent()  # a ClientApp never outlives its SuperNode
     if not allowed_hashes():
         print(f"fedglm guard: {ALLOWED_ENV} is not set; refusing to run any app", file=sys.stderr)
         sys.exit(2)
@@ -87,13 +72,6 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def write_shim(bin_dir: Path) -> Path:
-    """Write the `flwr-clientapp` executable that runs `main` with this Python."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    shim = bin_dir / "flwr-clientapp"
-    shim.write_text(
-        f"#!/bin/sh\nexec '{sys.executable}' -c 'from fedglm.clients.guard import main; main()' \"$@\"\n",
-        encoding="utf-8",
-    )
-    shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return shim
+def write_clientapp_shim(bin_dir: Path) -> Path:
+    """The `flwr-clientapp` executable that runs `main` with this Python."""
+    return write_shim(bin_dir, SHIM_NAME, "fedglm.clients.guard:main")

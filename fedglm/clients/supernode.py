@@ -16,9 +16,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from fedglm.app_bundle import fab_sha256
+from fedglm.app_bundle import ALLOWED_ENV, fab_sha256
 from fedglm.clients.app import SITE_KEY
-from fedglm.clients.guard import ALLOWED_ENV, write_shim
+from fedglm.clients.guard import write_clientapp_shim
 from fedglm.errors import InputError
 from fedglm.processes import (
     ManagedProcess,
@@ -108,7 +108,7 @@ def start_supernode(
     else:
         argv += ["--root-certificates", str(ca_cert)]
     env = flower_env(home, extra_pythonpath)
-    guard_bin = write_shim(home / "guard-bin").parent
+    guard_bin = write_clientapp_shim(home / "guard-bin").parent
     env["PATH"] = str(guard_bin) + os.pathsep + env["PATH"]
     if torch_threads is not None:
         env["OMP_NUM_THREADS"] = str(torch_threads)

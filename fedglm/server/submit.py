@@ -59,6 +59,8 @@ class ControlClient:
                     fab=fab_to_proto(bundle), override_config=user_config_to_proto(dict(run_config))
                 )
             )
+        except httpx.HTTPStatusError as exc:
+            raise CheckFailed(f"the SuperLink refused the run: {_error_text(exc.response)}") from None
         except httpx.HTTPError as exc:
             raise CheckFailed(f"the SuperLink refused the run: {exc}") from None
         if not response.HasField("run_id"):
@@ -93,6 +95,17 @@ class ControlClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _error_text(response: httpx.Response, limit: int = 300) -> str:
+    """The reason a Flower API gave for an error (its JSON `detail` and `extra`), one line."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    parts = [str(body[k]) for k in ("detail", "extra") if body.get(k)] if isinstance(body, dict) else []
+    text = ": ".join(parts) or f"HTTP {response.status_code}"
+    return " ".join(text.split())[:limit]
 
 
 def follow_run(

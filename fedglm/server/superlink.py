@@ -1,16 +1,20 @@
-"""Starting Flower's SuperLink for the coordinator: TLS by default, its own FLWR_HOME.
+"""Starting Flower's SuperLink for the coordinator: TLS by default, its own FLWR_HOME, guarded.
 
 The SuperLink serves the Fleet API (SuperNodes), the Control API (run submission) and the
-ServerAppIo API on one port. Runtime dependency installation is always off: the ServerApp
-runs from the coordinator's installed fedglm, nothing is fetched at run time.
+runtime API on one port. It runs through `fedglm.server.guard.superlink_main`: only the Fleet
+API answers from afar, only fedglm's own app bundle runs, and every Flower process dies with
+its parent (see guard.py). Runtime dependency installation is always off: the ServerApp runs
+from the coordinator's installed fedglm, nothing is fetched at run time.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedglm.app_bundle import ALLOWED_ENV, fab_sha256
 from fedglm.certs import check_certificate_file
 from fedglm.errors import InputError
 from fedglm.processes import (
@@ -21,6 +25,7 @@ from fedglm.processes import (
     start,
     wait_healthy,
 )
+from fedglm.server.guard import is_loopback, write_coordinator_shims
 
 
 @dataclass(frozen=True)
@@ -28,15 +33,6 @@ class TLSFiles:
     ca_cert: Path
     server_cert: Path
     server_key: Path
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_insecure_allowed(host: str, what: str) -> None:
@@ -54,11 +50,19 @@ def start_superlink(
     tls: TLSFiles | None,
     home: Path,
     extra_pythonpath: list[Path] | None = None,
+    allowed_apps: list[str] | None = None,
     health_timeout: float = 60.0,
 ) -> ManagedProcess:
-    """Start `flower-superlink` and return once it answers on /health."""
+    """Start the guarded `flower-superlink` and return once it answers on /health.
+
+    Runs only app bundles whose SHA-256 is in `allowed_apps` (default: the fedglm app of this
+    install).
+    """
+    executable("flower-superexec")  # the guard's shim hands over to it
     argv = [
-        executable("flower-superlink"),
+        sys.executable,
+        "-c",
+        "from fedglm.server.guard import superlink_main; superlink_main()",
         "--host",
         host,
         "--port",
@@ -83,6 +87,8 @@ def start_superlink(
         ]
     check_port_free(host, port, "SuperLink port")
     env = flower_env(home, extra_pythonpath)
+    env["PATH"] = str(write_coordinator_shims(home / "guard-bin")) + os.pathsep + env["PATH"]
+    env[ALLOWED_ENV] = ",".join(allowed_apps if allowed_apps is not None else [fab_sha256()])
     process = start("SuperLink", argv, env, home / "superlink.log")
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     scheme = "https" if tls else "http"

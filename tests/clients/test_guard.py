@@ -2,8 +2,7 @@ import hashlib
 
 import pytest
 
-from fedglm.app_bundle import fab_bytes, fab_sha256
-from fedglm.clients.guard import AppRefused, check_fab
+from fedglm.app_bundle import AppRefused, check_fab, fab_bytes, fab_sha256
 
 
 def test_own_bundle_is_reproducible_and_accepted() -> None:

@@ -1,12 +1,18 @@
-"""A guarded SuperNode runs fedglm's own app bundle and refuses any other (real Flower)."""
+"""A guarded SuperNode runs fedglm's own app bundle and refuses any other (real Flower).
+
+The coordinator here is told to accept the rogue bundle (as a compromised coordinator would):
+the site must refuse it on its own.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
 
 from fedglm.app_bundle import FAB_DIR
 from fedglm.certs import CertPaths
@@ -33,6 +39,9 @@ def stack(tmp_path: Path, certs: CertPaths) -> Iterator[tuple[str, Path]]:
                 tls=tls,
                 home=tmp_path / "link",
                 extra_pythonpath=[ROOT],
+                allowed_apps=[
+                    hashlib.sha256(build_fab_from_disk(ROOT / "tests" / "assets" / "rogue_app")).hexdigest()
+                ],
             )
         )
         spec = tmp_path / "site.json"
@@ -56,8 +65,6 @@ def stack(tmp_path: Path, certs: CertPaths) -> Iterator[tuple[str, Path]]:
 def test_rogue_app_bundle_is_refused_before_any_of_its_code_runs(
     stack: tuple[str, Path], tmp_path: Path
 ) -> None:
-    from flwr.cli.build import build_fab_from_disk
-
     address, ca_cert = stack
     rogue = build_fab_from_disk(ROOT / "tests" / "assets" / "rogue_app")
     assert rogue != build_fab_from_disk(FAB_DIR)  # same name and version, other code
