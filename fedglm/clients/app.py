@@ -61,6 +61,7 @@ from fedglm.payload import (
 )
 from fedglm.privacy.dpsgd import check_precision, dp_precision, train_private
 from fedglm.privacy.keys import load_private_key, public_pem
+from fedglm.privacy.ledger import LedgerLine
 from fedglm.privacy.site import (
     MAX_CATCH_UP,
     Decline,
@@ -68,14 +69,17 @@ from fedglm.privacy.site import (
     config_hash,
     expected_batch,
     keep_receipt,
+    keep_sent,
     ledger_lock,
     not_countersigned,
     open_ledger,
     plan_round,
     privacy_dir,
     record_round,
+    released_before,
     round_steps,
     sample_rate,
+    sent_update,
 )
 from fedglm.pruning import MASK_KEY
 from fedglm.training import evaluate, make_optimizer, resolve_precision, steps_for, train_local
@@ -290,6 +294,9 @@ def _train_private_locked(
     assert held is not None
     state_dir = _state_dir(site)
     ledger, lines = open_ledger(state_dir, key)
+    again = released_before(lines, run=held.run, server_round=server_round)
+    if again is not None:
+        return _send_again(task, message, again, lines, key)
     count_public = site.share.record_count
     q = sample_rate(privacy, batch_size=cfg.batch_size, n_train=len(records))
     steps = round_steps(cfg.local_steps, cfg.local_epochs, q)
@@ -338,6 +345,7 @@ def _train_private_locked(
         expected_batch_size=plan.expected_batch,
     )
     blob, residual = _compressed_update(task, server_round)
+    keep_sent(state_dir, blob)
     line = record_round(
         ledger,
         lines,
@@ -356,15 +364,54 @@ def _train_private_locked(
         ),
     )
     save_residual(state_dir, held.run, residual)
-    earlier = [json.dumps(x.as_json()) for x in not_countersigned(state_dir, lines)]
+    metrics = _public_metrics(site, len(records), train_loss=stats.loss)
+    return _update_reply(message, blob, line, not_countersigned(state_dir, lines), key, metrics)
+
+
+def _send_again(
+    task: Task, message: Message, line: LedgerLine, lines: list[LedgerLine], key: Ed25519PrivateKey
+) -> Message:
+    """The round was trained and recorded before (see `privacy/site.py`): the same update again."""
+    assert task.held is not None
+    state_dir, sequence = _state_dir(task.site), int(line.entry["sequence"])
+    blob, problem = sent_update(state_dir, line), ""
+    if sequence != int(lines[-1].entry["sequence"]):
+        problem = "a later round followed it"
+    elif line.entry["model_received"] != task.held.hash.hex():
+        problem = "the coordinator now sends another model"
+    elif blob is None:
+        problem = "its update is no longer kept"
+    if blob is None or problem:
+        raise InputError(
+            f"round {line.entry['round']} of run {line.entry['run']} is already in this site's ledger "
+            f"(entry {sequence}) and {problem}: a site never trains a round twice"
+        )
+    log(
+        INFO,
+        "%s: round %d was recorded before (entry %d); sending its update again",
+        task.site.name,
+        int(line.entry["round"]),
+        sequence,
+    )
+    earlier = [x for x in not_countersigned(state_dir, lines) if x is not line]
+    return _update_reply(message, blob, line, earlier, key, _public_metrics(task.site, len(task.data.train)))
+
+
+def _update_reply(
+    message: Message,
+    blob: bytes,
+    line: LedgerLine,
+    earlier: list[LedgerLine],
+    key: Ed25519PrivateKey,
+    metrics: MetricRecord,
+) -> Message:
     ledger_record = ConfigRecord(
         {
             "line": json.dumps(line.as_json()),
             "public-key": public_pem(key.public_key()),
-            "earlier": earlier[-(MAX_CATCH_UP - 1) :] if earlier else [],
+            "earlier": [json.dumps(x.as_json()) for x in earlier[-(MAX_CATCH_UP - 1) :]],
         }
     )
-    metrics = _public_metrics(site, len(records), train_loss=stats.loss)
     content = RecordDict({ARRAYS_KEY: payload_record(blob), METRICS_KEY: metrics, LEDGER_KEY: ledger_record})
     return Message(content=content, reply_to=message)
 

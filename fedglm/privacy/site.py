@@ -4,12 +4,19 @@ Files under the site's `state_dir/privacy/`:
 - `ledger.jsonl`: the signed ledger (`ledger.py`), verified in full before every round;
 - `receipts.jsonl`: the coordinator's receipts for the entries it received;
 - `calibration.json`: the calibrated noise multiplier for each set of inputs (a cache);
+- `sent-update.bin`: the last update sent, written before its entry (`update_sent` names it);
 - `lock`: held from planning a round until its entry is appended, so two ClientApps working
   on one state never plan against the same ledger.
 
 The order in a round is fixed: plan (the epsilon the round would bring, against the budget),
-train with DP-SGD, compress, append the ledger entry (fsynced), save the residual, reply. An
-entry on disk counts as spent whether or not its update ever left.
+train with DP-SGD, compress, keep the update, append the ledger entry (fsynced), save the
+residual, reply. An entry on disk counts as spent whether or not its update ever left.
+
+A round is spent once. When the coordinator asks again for a round of its run that the ledger
+already holds (it crashed mid-round and resumed from its last checkpoint), the site sends the
+very update it recorded, from `sent-update.bin`, at no new privacy cost (the release is the
+same); if the coordinator now sends another model, or that update is gone, the site refuses
+the round rather than train it twice.
 
 A ledger is never silently behind: every receipt the site holds must name an entry of its
 ledger (same sequence, same hash), and a site with a residual from earlier rounds but no
@@ -34,7 +41,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedglm import strict_json
-from fedglm.atomic import append_line, atomic_write_text
+from fedglm.atomic import append_line, atomic_write, atomic_write_text
 from fedglm.clients.state import RESIDUAL_FILE
 from fedglm.config import PrivacyConfig, SiteSpec
 from fedglm.errors import InputError
@@ -47,6 +54,7 @@ LEDGER_FILE = "ledger.jsonl"
 RECEIPTS_FILE = "receipts.jsonl"
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "lock"
+SENT_FILE = "sent-update.bin"
 MAX_CATCH_UP = 64  # ledger lines a reply may carry: those the coordinator has not receipted
 
 
@@ -224,6 +232,28 @@ def record_round(
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return append_entry(ledger, lines, fields, key)
+
+
+def released_before(lines: list[LedgerLine], *, run: str, server_round: int) -> LedgerLine | None:
+    """This site's entry for round `server_round` of run `run`, if it trained that round already."""
+    for line in reversed(lines):
+        if line.entry["run"] == run and int(line.entry["round"]) == server_round:
+            return line
+    return None
+
+
+def keep_sent(state_dir: Path, blob: bytes) -> None:
+    """Keep the update about to be recorded (before its entry), to send it again if asked."""
+    atomic_write(privacy_dir(state_dir) / SENT_FILE, lambda handle: handle.write(blob))
+
+
+def sent_update(state_dir: Path, line: LedgerLine) -> bytes | None:
+    """The update `line` recorded as sent, if the site still has it."""
+    try:
+        blob = (privacy_dir(state_dir) / SENT_FILE).read_bytes()
+    except OSError:
+        return None
+    return blob if hashlib.sha256(blob).hexdigest() == line.entry["update_sent"] else None
 
 
 def keep_receipt(state_dir: Path, line: str, lines: list[LedgerLine]) -> bool:

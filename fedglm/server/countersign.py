@@ -14,6 +14,11 @@ if:
 - the last line names this run, this round, the model the coordinator sent (its hash) and
   the very payload it arrived with (SHA-256 of the bytes), with an epsilon within the site's
   declared budget.
+An update whose entry was countersigned before is a site sending a round's update again after
+the coordinator crashed mid-round and resumed that round (`privacy/site.py`): the checks above
+make it the very release the receipt covers, so it is accepted once more for this round, at no
+new cost, and its receipt sent again. A site is accepted at most once per round.
+
 It then signs a receipt for each new line (`privacy/receipts.py`), appends them to
 `receipts/<site>.jsonl` in the run folder and the lines themselves to
 `ledgers/<site>.jsonl`, and sends the receipts to the site with the next message addressed
@@ -60,6 +65,7 @@ class Countersigner:
         self.epsilon: dict[str, float] = {}
         self.chains: dict[str, dict[int, str]] = {}  # site -> sequence -> countersigned entry hash
         self._pending: dict[int, list[str]] = {}
+        self._accepted: dict[str, int] = {}  # site -> the last round an update of it was accepted
         public = key.public_key()
         for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
             receipts, _ = read_receipts(path)
@@ -95,7 +101,15 @@ class Countersigner:
         failed = [what for what, ok in expected.items() if not ok]
         if failed:
             raise PayloadError(f"ledger entry of {client!r} does not match: {', '.join(failed)}", BAD_LEDGER)
+        if self._accepted.get(client) == server_round:
+            raise PayloadError(f"a second update from {client!r} this round", "duplicate-site")
         new = self._continuation(client, lines)
+        if not new:  # sent again after a restart (see the module docstring): its receipt too
+            self._pending.setdefault(node, []).append(
+                json.dumps(make_receipt(lines[-1], self.key), sort_keys=True)
+            )
+            self._accepted[client] = server_round
+            return
         receipts = [json.dumps(make_receipt(x, self.key), sort_keys=True) for x in new]
         for receipt, x in zip(receipts, new, strict=True):
             append_line(self.folder / f"{client}.jsonl", receipt)
@@ -105,6 +119,7 @@ class Countersigner:
         self.site_keys[client] = site_key_id
         self.epsilon[client] = max(self.epsilon.get(client, 0.0), float(entry["epsilon"]))
         self._pending.setdefault(node, []).extend(receipts)
+        self._accepted[client] = server_round
 
     def _continuation(self, client: str, lines: list[LedgerLine]) -> list[LedgerLine]:
         """The lines not yet countersigned, checked to continue this site's countersigned chain."""
@@ -143,10 +158,8 @@ class Countersigner:
                 )
             epsilon = float(x.entry["epsilon"])
             new.append(x)
-        if not new or new[-1] is not lines[-1]:
-            raise PayloadError(
-                f"ledger of {client!r}: the update's entry was countersigned before", BAD_LEDGER
-            )
+        if new and new[-1] is not lines[-1]:
+            raise PayloadError(f"ledger of {client!r}: the update's entry is not its last line", BAD_LEDGER)
         return new
 
     def receipt_for(self, node: int) -> list[str]:

@@ -122,3 +122,11 @@ def test_receipts_survive_a_coordinator_restart(desk: Countersigner) -> None:
 def test_malformed_ledger_records_are_refused(desk: Countersigner, record: dict[str, Any]) -> None:
     with pytest.raises(PayloadError):
         desk.countersign(7, record, BLOB, 3, BASE)
+
+
+def test_a_site_is_accepted_once_a_round(desk: Countersigner) -> None:
+    """A second node sending the same site's update (a resend is no new contribution)."""
+    desk.countersign(7, ledger_record(entry()), BLOB, 3, BASE)
+    with pytest.raises(PayloadError, match="a second update from 'site-a' this round") as raised:
+        desk.countersign(8, ledger_record(entry()), BLOB, 3, BASE)
+    assert raised.value.reason == "duplicate-site"

@@ -1,4 +1,5 @@
-"""A killed and restarted `fedglm server` resumes from its last checkpoint (real processes)."""
+"""`kill -9` of `fedglm server` mid-round: no Flower process outlives it, and the restarted
+server resumes from its last checkpoint with no round spent twice in any ledger (real processes)."""
 
 from __future__ import annotations
 
@@ -64,13 +65,16 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
     clients = [launch(["client", "--config", f"h{i}.yaml"], f"h{i}") for i in (1, 2)]
     try:
         first = launch(["server", "--config", "coordinator.yaml"], "server1")
-        _wait_for(lambda: _rounds(out) == [1] or any(c.poll() is not None for c in clients), 240, "round 1")
-        assert all(c.poll() is None for c in clients), (tmp_path / "h1.log").read_text()
-        first.send_signal(signal.SIGKILL)  # no chance to clean up: its SuperLink must die with it
+        # Mid-round 2: a site has spent its budget on round 2, the coordinator has not finished it.
+        _wait_for(lambda: max(_entries(tmp_path / f"state-{i}") for i in (1, 2)) == 2, 300, "round 2 spent")
+        tree = _descendants(first.pid)
+        assert any("serverapp" in command for command in tree.values()), tree
+        first.send_signal(signal.SIGKILL)  # no chance to clean up: its Flower processes must die with it
         first.wait(10)
+        _wait_for(lambda: not any(_alive(pid) for pid in tree), 10, f"no Flower process left of {tree}")
         checkpoint = load_checkpoint(out)
-        assert checkpoint is not None and checkpoint.round == 1
-        _wait_for(lambda: _port_free(port), 30, "the old SuperLink to exit")
+        assert checkpoint is not None and checkpoint.round in (1, 2)
+        _wait_for(lambda: _port_free(port), 30, "the old SuperLink's port")
 
         second = launch(["server", "--config", "coordinator.yaml"], "server2")
         assert second.wait(300) == 0, (tmp_path / "server2.log").read_text()
@@ -81,7 +85,10 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
             process.wait(30)
 
     assert _rounds(out) == [1, 2]
-    assert "Resuming from the checkpoint of round 1" in (out / "serverapp.log").read_text()
+    assert f"Resuming from the checkpoint of round {checkpoint.round}" in (out / "serverapp.log").read_text()
+    for i in (1, 2):  # each round spent once at each site
+        ledger = (tmp_path / f"state-{i}" / "privacy" / "ledger.jsonl").read_text().splitlines()
+        assert [json.loads(line)["entry"]["round"] for line in ledger] == [1, 2]
     final = load_checkpoint(out)
     assert final is not None and final.round == 2
     assert all(p.returncode == 0 for p in clients), [p.returncode for p in clients]
@@ -106,6 +113,46 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
         )
         assert audit.returncode == 0, audit.stderr
         assert [r["receipt"] for r in json.loads(audit.stdout)["rows"]] == ["ok", "ok"]
+
+
+def _entries(state_dir: Path) -> int:
+    ledger = state_dir / "privacy" / "ledger.jsonl"
+    return len(ledger.read_text().splitlines()) if ledger.exists() else 0
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every process under `root` (from /proc), with its command line."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = _command(pid)
+                frontier.append(pid)
+    return found
+
+
+def _command(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper has stopped)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _port_free(port: int) -> bool:

@@ -1,0 +1,70 @@
+"""A site spends its budget once per round, even when the coordinator asks for the round again
+(it crashed mid-round and resumed from its last checkpoint): the real ClientApp handler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedglm.clients.app import train
+from fedglm.config import ModelConfig, PrivacyConfig, TrainConfig
+from fedglm.errors import InputError
+from fedglm.model import build_model
+from fedglm.payload import LEDGER_KEY, read_payload
+from fedglm.privacy.site import LEDGER_FILE, SENT_FILE, privacy_dir
+from fedglm.server.countersign import Countersigner
+from tests.clients.handler import site_context, train_message
+
+MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=48, max_seq_len=64)
+TRAIN = TrainConfig(local_steps=1, seq_len=32)
+PRIVACY = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, rounds=2)
+
+
+def _ledger_lines(tmp_path: Path) -> list[str]:
+    return (privacy_dir(tmp_path / "state") / LEDGER_FILE).read_text().splitlines()
+
+
+def test_a_round_asked_again_gets_the_same_update_and_no_new_entry(tmp_path: Path) -> None:
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY)
+    state = build_model(MODEL.glm_args(), 0).state_dict()
+    message, broadcast = train_message(state, MODEL, TRAIN)
+    first = train(message, context)
+    # The coordinator dies before its checkpoint, resumes, and sends round 1 again.
+    again, _ = train_message(state, MODEL, TRAIN)
+    second = train(again, context)
+
+    assert len(_ledger_lines(tmp_path)) == 1
+    assert read_payload(second.content) == read_payload(first.content)
+    assert (
+        second.content.config_records[LEDGER_KEY]["line"] == first.content.config_records[LEDGER_KEY]["line"]
+    )
+    # ... and the resumed coordinator, which countersigned it before crashing, takes it once more.
+    desk = Countersigner(Ed25519PrivateKey.generate(), tmp_path / "receipts", "run")
+    blob = read_payload(first.content)
+    assert blob is not None
+    desk.countersign(1, dict(first.content.config_records[LEDGER_KEY]), blob, 1, broadcast.hash)
+    resumed = Countersigner(desk.key, desk.folder, "run")
+    resumed.countersign(1, dict(second.content.config_records[LEDGER_KEY]), blob, 1, broadcast.hash)
+    assert resumed.receipt_for(1) == desk.receipt_for(1)  # the same receipt, sent again
+    assert len((tmp_path / "receipts" / "h1.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_round_asked_again_with_another_model_is_refused_not_trained_twice(tmp_path: Path) -> None:
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY)
+    train(train_message(build_model(MODEL.glm_args(), 0).state_dict(), MODEL, TRAIN)[0], context)
+    other, _ = train_message(build_model(MODEL.glm_args(), 1).state_dict(), MODEL, TRAIN)
+    with pytest.raises(InputError, match=r"round 1 of run run is already in this site's ledger \(entry 0\)"):
+        train(other, context)
+    assert len(_ledger_lines(tmp_path)) == 1
+
+
+def test_a_round_asked_again_whose_update_is_gone_is_refused(tmp_path: Path) -> None:
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY)
+    state = build_model(MODEL.glm_args(), 0).state_dict()
+    train(train_message(state, MODEL, TRAIN)[0], context)
+    (privacy_dir(tmp_path / "state") / SENT_FILE).unlink()
+    with pytest.raises(InputError, match="its update is no longer kept"):
+        train(train_message(state, MODEL, TRAIN)[0], context)
+    assert len(_ledger_lines(tmp_path)) == 1
