@@ -231,6 +231,11 @@ class FederationConfig(_Section):
     # The largest L2 norm one site's update may add (larger ones are scaled down to it); the
     # round's own bound (4x the sites' lower-median norm) applies too (`server/strategy.py`).
     max_update_norm: float = Field(default=1000.0, gt=0.0, le=1e6)
+    # How the bounded updates are combined: the weighted mean, or (robust to a minority of
+    # hostile sites, at some cost in loss: bench/robust.py) a coordinate-wise trimmed mean or median.
+    aggregation: Literal["mean", "trimmed-mean", "median"] = "mean"
+    # The fraction of sites dropped at each end of every coordinate (trimmed-mean only).
+    trim_fraction: float = Field(default=0.2, ge=0.0, lt=0.5)
     seed: int = 0
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -364,12 +369,21 @@ class TLSConfig(_Section):
     server_key: ConfigPath
 
 
+class ListedSite(_Section):
+    """A hospital the coordinator admits: its name and its SuperNode's public key (`node.pub`)."""
+
+    name: SiteName
+    node_key: ConfigPath
+
+
 class CoordinatorConfig(_Section):
-    """`fedglm server`: where the SuperLink listens, TLS, the federation, and the run folder."""
+    """`fedglm server`: where the SuperLink listens, TLS, the hospitals, the federation, the run folder."""
 
     host: str = "0.0.0.0"
     port: PortNumber = 9092
     tls: TLSConfig | None = None
+    # The hospitals admitted (SuperNode authentication, `fedglm/nodes.py`): required with TLS.
+    sites: list[ListedSite] | None = Field(default=None, min_length=1, max_length=10_000)
     out_dir: ConfigPath = Path("runs/coordinator")
     resume: bool = True
     # The key that countersigns ledger entries; made on first start if missing.
@@ -377,6 +391,19 @@ class CoordinatorConfig(_Section):
     federation: FederationConfig = FederationConfig()
     # Distillation, export and the model card after the last round; none unless asked for.
     release: ReleaseConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_name_one_key(self) -> CoordinatorConfig:
+        for what, values in (
+            ("name", [s.name for s in self.sites or []]),
+            ("node_key", [str(s.node_key) for s in self.sites or []]),
+        ):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(
+                    f"sites: {what} {twice[0]} is listed twice (one hospital, one name, one key)"
+                )
+        return self
 
 
 class ShareConfig(_Section):
@@ -483,6 +510,9 @@ class HospitalConfig(_Section):
     ca_cert: ConfigPath | None = None
     runtime_port: PortNumber = 9094
     state_dir: ConfigPath = Path("fedglm-state")
+    # The SuperNode's private key (`fedglm/nodes.py`); default `<state_dir>/node.key`, made on
+    # first start. Its public half `node.pub` goes to the coordinator.
+    node_key: ConfigPath | None = None
     data: DataConfig
     share: ShareConfig = ShareConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -662,3 +692,5 @@ class RunSpec(_Section):
     out_dir: ConfigPath
     resume: bool = True
     receipt_key: ConfigPath
+    # Registered node id -> site name (SuperNode authentication on); None: no binding.
+    nodes: dict[int, SiteName] | None = None

@@ -24,12 +24,13 @@ from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, FederationConfig, PretrainConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
 from fedglm.errors import InputError, check_out_folder
+from fedglm.nodes import NODE_PUB, ensure_node_keys, read_node_public_key
 from fedglm.pretrain import BASE_FILE, OtherConfigState, federation_from_base, pretrain
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.app import SPEC_NAME
-from fedglm.server.coordinator import RowCallback, execute_run, write_spec
+from fedglm.server.coordinator import RowCallback, admit_sites, execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, start_superlink
 
 SIMULATION_MARK = "SIMULATION"  # in a run folder made by `fedglm simulate`
@@ -131,12 +132,13 @@ def privacy_rows(sites: list[SiteSpec]) -> list[dict[str, Any]]:
 
 @dataclass
 class LocalStack:
-    """A running SuperLink and its SuperNodes on 127.0.0.1."""
+    """A running SuperLink and its SuperNodes on 127.0.0.1; `nodes`: node id -> site name."""
 
     address: str
     ca_cert: Path
     superlink: ManagedProcess
     supernodes: list[ManagedProcess]
+    nodes: dict[int, str]
 
 
 @contextlib.contextmanager
@@ -148,11 +150,14 @@ def local_stack(
     allowed_apps: list[str] | None = None,
     extra_pythonpath: list[Path] | None = None,
 ) -> Iterator[LocalStack]:
-    """Start a TLS SuperLink and one SuperNode per site; stop them all on the way out."""
+    """Start a TLS SuperLink admitting only the sites' node keys (made in each site's state
+    folder, as `fedglm client` does) and one SuperNode per site; stop them all on the way out."""
     certs = make_certificates(out_dir / "certs", hosts=["127.0.0.1"], overwrite=True)
     tls = TLSFiles(ca_cert=certs.ca_cert, server_cert=certs.server_cert, server_key=certs.server_key)
     # The sites share this machine's cores: oversubscribed torch threads only slow them down.
     threads = max(1, (os.cpu_count() or 1) // len(sites))
+    homes = {site.name: out_dir / "flower" / site.name for site in sites}
+    node_keys = {site.name: ensure_node_keys(site.state_dir or homes[site.name]) for site in sites}
     processes: list[ManagedProcess] = []
     try:
         port = free_port()
@@ -163,9 +168,15 @@ def local_stack(
                 tls=tls,
                 home=out_dir / "flower" / "superlink",
                 extra_pythonpath=extra_pythonpath,
+                allowed_apps=allowed_apps,
+                node_auth=True,
             )
         )
-        on_status(f"SuperLink up on 127.0.0.1:{port} (TLS)")
+        listed = {
+            name: read_node_public_key(key.with_name(NODE_PUB), "node key") for name, key in node_keys.items()
+        }
+        nodes = admit_sites(f"127.0.0.1:{port}", tls.ca_cert, listed)
+        on_status(f"SuperLink up on 127.0.0.1:{port} (TLS; {len(nodes)} listed node keys)")
         for site in sites:
             spec_path = out_dir / "sites" / site.name / SITE_NAME
             atomic_write_text(spec_path, site.model_dump_json(indent=2) + "\n")
@@ -175,15 +186,16 @@ def local_stack(
                     ca_cert=tls.ca_cert,
                     runtime_port=free_port(),
                     site_spec=spec_path,
-                    home=out_dir / "flower" / site.name,
+                    home=homes[site.name],
                     name=f"SuperNode {site.name}",
                     allowed_apps=allowed_apps,
                     torch_threads=threads,
                     extra_pythonpath=extra_pythonpath,
+                    node_key=node_keys[site.name],
                 )
             )
         on_status(f"{len(sites)} SuperNodes up")
-        yield LocalStack(f"127.0.0.1:{port}", tls.ca_cert, processes[0], processes[1:])
+        yield LocalStack(f"127.0.0.1:{port}", tls.ca_cert, processes[0], processes[1:], nodes)
     finally:
         for process in reversed(processes):
             process.stop()
@@ -241,7 +253,7 @@ def run_simulation(
     federation = simulation_federation(config, out_dir, on_status)
     with local_stack(sites, out_dir, on_status=on_status) as stack:
         on_status(f"running {federation.rounds} rounds")
-        spec_path = write_spec(out_dir, federation, resume=False)
+        spec_path = write_spec(out_dir, federation, resume=False, nodes=stack.nodes)
         rows = execute_run(
             superlink=stack.superlink,
             address=stack.address,

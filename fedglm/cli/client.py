@@ -16,6 +16,7 @@ from fedglm.clients.app import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import preflight, start_supernode
 from fedglm.config import HospitalConfig, load_config
 from fedglm.errors import CheckFailed, InputError
+from fedglm.nodes import NODE_KEY, NODE_PUB, ensure_node_keys
 from fedglm.privacy.site import describe_site_privacy
 from fedglm.processes import check_port_free
 from fedglm.server.superlink import check_insecure_allowed
@@ -42,6 +43,7 @@ def client(
     status(describe_site_data(cfg.site_spec()))  # bad data or a delta too large fail here, first
     if cfg.privacy.enabled:  # so do a missing signing key and a damaged ledger
         status(describe_site_privacy(cfg.site_spec()))
+    node_key = _node_key(cfg, config) if ca_cert is not None else None
     spec_path = cfg.state_dir / SITE_NAME
     atomic_write_text(spec_path, cfg.site_spec().model_dump_json(indent=2) + "\n")
 
@@ -58,6 +60,7 @@ def client(
                 runtime_port=cfg.runtime_port,
                 site_spec=spec_path,
                 home=cfg.state_dir / "flower",
+                node_key=node_key,
             )
             status(
                 f"{cfg.site}: connected to {cfg.coordinator}; training when the coordinator "
@@ -95,3 +98,25 @@ def _ca_cert(cfg: HospitalConfig, insecure: bool, path: Path) -> Path | None:
         raise InputError(f"{path}: set ca_cert to the coordinator's ca.crt (or --insecure on loopback)")
     check_certificate_file(cfg.ca_cert, "ca_cert")
     return cfg.ca_cert
+
+
+def _node_key(cfg: HospitalConfig, path: Path) -> Path:
+    """The SuperNode's private key: the configured one, or `<state_dir>/node.key` (made once)."""
+    if cfg.node_key is not None:
+        if not cfg.node_key.is_file():
+            raise InputError(
+                f"{path}: node_key {cfg.node_key} does not exist; make one with `fedglm keys --node`"
+            )
+        return cfg.node_key
+    made = not (cfg.state_dir / NODE_KEY).exists()
+    key = ensure_node_keys(cfg.state_dir)
+    public = cfg.state_dir / NODE_PUB
+    status(
+        f"{cfg.site}: node key {key}"
+        + (
+            f" made; send {public} to the coordinator to be listed"
+            if made
+            else f" (coordinator lists {public})"
+        )
+    )
+    return key

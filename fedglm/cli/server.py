@@ -9,13 +9,13 @@ import typer
 
 from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import print_release, print_round, print_table, status
-from fedglm.config import CoordinatorConfig, load_config
+from fedglm.config import CoordinatorConfig, ListedSite, load_config
 from fedglm.errors import InputError
 from fedglm.metrics import METRICS_NAME
 from fedglm.modelcard import RELEASE_DIR
 from fedglm.pretrain import federation_from_base
 from fedglm.release import public_text, release
-from fedglm.server.coordinator import execute_run, write_spec
+from fedglm.server.coordinator import admit_sites, execute_run, read_listed_keys, write_spec
 from fedglm.server.superlink import TLSFiles, check_insecure_allowed, start_superlink
 
 
@@ -29,23 +29,27 @@ def server(
     """Start the SuperLink, submit the fedglm app, and follow it round by round."""
     cfg = load_config(config, CoordinatorConfig)
     tls = _tls(cfg, insecure, config)
+    keys = read_listed_keys(_listed_sites(cfg, tls, config))
     fed = federation_from_base(cfg.federation)
     if cfg.release is not None:
         public_text(cfg.release)  # a missing or unreadable public text fails now, not after the run
-    spec_path = write_spec(cfg.out_dir, fed, resume=cfg.resume, receipt_key=cfg.receipt_key)
     superlink = start_superlink(
-        host=cfg.host, port=cfg.port, tls=tls, home=cfg.out_dir / "flower" / "superlink"
+        host=cfg.host, port=cfg.port, tls=tls, home=cfg.out_dir / "flower" / "superlink", node_auth=bool(keys)
     )
     try:
+        local = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        ca_cert = tls.ca_cert if tls else None
+        nodes = admit_sites(f"{local}:{cfg.port}", ca_cert, keys) if keys else None
+        spec_path = write_spec(cfg.out_dir, fed, resume=cfg.resume, receipt_key=cfg.receipt_key, nodes=nodes)
+        admitted = f"{len(keys)} listed hospital(s) admitted" if keys else "any hospital admitted (no TLS)"
         status(
-            f"SuperLink listening on {cfg.host}:{cfg.port} ({'TLS' if tls else 'no TLS'}); "
+            f"SuperLink listening on {cfg.host}:{cfg.port} ({'TLS' if tls else 'no TLS'}; {admitted}); "
             f"waiting for {fed.min_clients} hospital(s)"
         )
-        local = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
         rows = execute_run(
             superlink=superlink,
             address=f"{local}:{cfg.port}",
-            ca_cert=tls.ca_cert if tls else None,
+            ca_cert=ca_cert,
             spec_path=spec_path,
             out_dir=cfg.out_dir,
             on_row=lambda row: print_round(row, fed.rounds),
@@ -71,3 +75,18 @@ def _tls(cfg: CoordinatorConfig, insecure: bool, path: Path) -> TLSFiles | None:
             "or pass --insecure (loopback only)"
         )
     return TLSFiles(ca_cert=cfg.tls.ca_cert, server_cert=cfg.tls.server_cert, server_key=cfg.tls.server_key)
+
+
+def _listed_sites(cfg: CoordinatorConfig, tls: TLSFiles | None, path: Path) -> list[ListedSite]:
+    if tls is None:
+        if cfg.sites:
+            raise InputError(
+                f"{path} lists sites, which needs TLS (SuperNode authentication); drop --insecure"
+            )
+        return []
+    if not cfg.sites:
+        raise InputError(
+            f"{path} has no sites list: add each hospital's name and node_key (its node.pub, from "
+            "`fedglm keys --node` or its first `fedglm client`), so only they can connect"
+        )
+    return cfg.sites

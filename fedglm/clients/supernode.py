@@ -83,11 +83,13 @@ def start_supernode(
     allowed_apps: list[str] | None = None,
     torch_threads: int | None = None,
     extra_pythonpath: list[Path] | None = None,
+    node_key: Path | None = None,
 ) -> ManagedProcess:
     """Start `flower-supernode` for one site; return once its runtime API is healthy.
 
     The SuperNode runs only app bundles whose SHA-256 is in `allowed_apps` (default: the
-    fedglm app of this install), through the guarded `flwr-clientapp` of guard.py.
+    fedglm app of this install), through the guarded `flwr-clientapp` of guard.py. With TLS
+    it signs its requests with `node_key` (`fedglm/nodes.py`), when given.
     """
     if '"' in str(site_spec):
         raise InputError(f"state_dir {site_spec.parent}: a path with '\"' cannot be passed to Flower")
@@ -107,6 +109,8 @@ def start_supernode(
         argv.append("--insecure")
     else:
         argv += ["--root-certificates", str(ca_cert)]
+        if node_key is not None:
+            argv += ["--auth-supernode-private-key", str(node_key)]
     env = flower_env(home, extra_pythonpath)
     guard_bin = write_clientapp_shim(home / "guard-bin").parent
     env["PATH"] = str(guard_bin) + os.pathsep + env["PATH"]

@@ -15,8 +15,9 @@ from typing import Any
 from fedglm import metrics
 from fedglm.app_bundle import fab_bytes
 from fedglm.atomic import atomic_write_text
-from fedglm.config import FederationConfig, RunSpec
-from fedglm.errors import CheckFailed
+from fedglm.config import FederationConfig, ListedSite, RunSpec
+from fedglm.errors import CheckFailed, InputError
+from fedglm.nodes import read_node_public_key
 from fedglm.privacy.keys import make_keys
 from fedglm.processes import ManagedProcess
 from fedglm.server.app import SPEC_KEY, SPEC_NAME
@@ -26,8 +27,34 @@ RowCallback = Callable[[dict[str, Any]], None]
 RECEIPT_KEY_NAME = "receipt"
 
 
+def read_listed_keys(sites: list[ListedSite]) -> dict[str, bytes]:
+    """Each listed hospital's node public key (checked now, before anything starts)."""
+    keys: dict[str, bytes] = {}
+    for site in sites:
+        key = read_node_public_key(site.node_key, f"sites: {site.name}: node_key")
+        twin = next((name for name, other in keys.items() if other == key), None)
+        if twin is not None:
+            raise InputError(f"sites: {site.name} and {twin} list the same node key; one hospital, one name")
+        keys[site.name] = key
+    return keys
+
+
+def admit_sites(address: str, ca_cert: Path | None, keys: dict[str, bytes]) -> dict[int, str]:
+    """Register each listed node key with the SuperLink; node id -> site name."""
+    client = ControlClient(address, ca_cert)
+    try:
+        return {client.register_node(key, name): name for name, key in keys.items()}
+    finally:
+        client.close()
+
+
 def write_spec(
-    out_dir: Path, federation: FederationConfig, *, resume: bool, receipt_key: Path | None = None
+    out_dir: Path,
+    federation: FederationConfig,
+    *,
+    resume: bool,
+    receipt_key: Path | None = None,
+    nodes: dict[int, str] | None = None,
 ) -> Path:
     """The run's spec; the coordinator's receipt key (default `<out_dir>/receipt.key`) is made
     on first use, with its public half `receipt.pub` beside it for auditors."""
@@ -35,7 +62,9 @@ def write_spec(
     receipt_key = receipt_key or out_dir / f"{RECEIPT_KEY_NAME}.key"
     if not receipt_key.exists():
         make_keys(receipt_key.parent, receipt_key.stem)
-    spec = RunSpec(federation=federation, out_dir=out_dir, resume=resume, receipt_key=receipt_key)
+    spec = RunSpec(
+        federation=federation, out_dir=out_dir, resume=resume, receipt_key=receipt_key, nodes=nodes
+    )
     path = out_dir / SPEC_NAME
     atomic_write_text(path, spec.model_dump_json(indent=2) + "\n")
     return path

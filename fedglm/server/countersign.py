@@ -4,6 +4,8 @@ An update from a DP site arrives with the signed ledger line the site wrote (and
 before sending it, the site's public key, and (`earlier`) any lines of its ledger the site
 holds no receipt for yet (a reply lost in a crash). The coordinator accepts the update only
 if:
+- the node that sent it is the one the coordinator listed under that site's name (with
+  SuperNode authentication, `fedglm/nodes.py`), so no one can claim another site's name;
 - every line's hash and signature hold under that key, the key is the one this site has
   always used (pinned at its first receipt);
 - the lines continue the chain the coordinator has countersigned for this site: a line it
@@ -45,6 +47,7 @@ from fedglm.privacy.ledger import LedgerLine, check_signed, parse_ledger
 from fedglm.privacy.receipts import make_receipt, read_receipts, receipt_ok
 
 BAD_LEDGER = "bad-ledger"
+WRONG_SITE = "wrong-site"
 
 
 LEDGER_COPIES = "ledgers"  # <out>/ledgers/<site>.jsonl: every ledger line countersigned
@@ -57,8 +60,11 @@ MAX_PEM_CHARS = 1024  # an Ed25519 public key in PEM is 113 characters
 class Countersigner:
     """Receipts for the ledger entries of one coordinator; see the module docstring."""
 
-    def __init__(self, key: Ed25519PrivateKey, folder: Path, run_key: str) -> None:
+    def __init__(
+        self, key: Ed25519PrivateKey, folder: Path, run_key: str, nodes: dict[int, str] | None = None
+    ) -> None:
         self.key = key
+        self.nodes = nodes  # node id -> the site listed for it (SuperNode authentication), if any
         self.folder = folder
         self.run_key = run_key
         self.site_keys: dict[str, str] = {}
@@ -84,6 +90,11 @@ class Countersigner:
         lines, site_key = _read_lines(ledger)
         entry = lines[-1].entry
         client, site_key_id = entry["client"], key_id(site_key)
+        if self.nodes is not None and self.nodes.get(node) != client:
+            raise PayloadError(
+                f"node {node} is listed for site {self.nodes.get(node)!r}, not {str(client)[:64]!r}",
+                WRONG_SITE,
+            )
         expected = {
             "client is a site name": is_site_name(client),
             "one client": all(x.entry["client"] == client for x in lines),

@@ -19,6 +19,7 @@ import httpx
 from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
     ListRunsRequest,
+    RegisterNodeRequest,
     StartRunRequest,
     StopRunRequest,
     StreamLogsRequest,
@@ -66,6 +67,16 @@ class ControlClient:
         if not response.HasField("run_id"):
             raise CheckFailed("the SuperLink did not accept the run (no run id returned)")
         return int(response.run_id)
+
+    def register_node(self, public_key: bytes, name: str) -> int:
+        """Admit the SuperNode holding `public_key` (PEM); its node id."""
+        try:
+            response = self._client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
+        except httpx.HTTPStatusError as exc:
+            raise CheckFailed(f"the SuperLink refused node {name!r}: {_error_text(exc.response)}") from None
+        if not response.node_id:
+            raise CheckFailed(f"the SuperLink did not register node {name!r}")
+        return int(response.node_id)
 
     def status(self, run_id: int) -> tuple[str, str, str]:
         run = self._client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]

@@ -51,12 +51,14 @@ def start_superlink(
     home: Path,
     extra_pythonpath: list[Path] | None = None,
     allowed_apps: list[str] | None = None,
+    node_auth: bool = False,
     health_timeout: float = 60.0,
 ) -> ManagedProcess:
     """Start the guarded `flower-superlink` and return once it answers on /health.
 
     Runs only app bundles whose SHA-256 is in `allowed_apps` (default: the fedglm app of this
-    install).
+    install). With `node_auth` only SuperNodes whose keys are registered connect (TLS needed;
+    see `fedglm/nodes.py`).
     """
     executable("flower-superexec")  # the guard's shim hands over to it
     argv = [
@@ -71,12 +73,15 @@ def start_superlink(
     ]
     if tls is None:
         check_insecure_allowed(host, "SuperLink host")
+        if node_auth:
+            raise InputError("SuperNode authentication needs TLS: set up TLS with `fedglm certs`")
         argv.append("--insecure")
     else:
         check_certificate_file(tls.ca_cert, "tls.ca_cert")
         check_certificate_file(tls.server_cert, "tls.server_cert")
         if not tls.server_key.is_file():
             raise InputError(f"tls.server_key {tls.server_key} does not exist")
+        argv += ["--enable-supernode-auth"] if node_auth else []
         argv += [
             "--ssl-ca-certfile",
             str(tls.ca_cert),

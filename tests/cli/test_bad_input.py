@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from fedglm.certs import CertPaths
 from fedglm.cli.main import app
+from fedglm.nodes import make_node_keys
 from fedglm.privacy.keys import make_keys
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.superlink import TLSFiles, start_superlink
@@ -177,9 +178,11 @@ def test_wrong_ca_certificate(tmp_path: Path, superlink: int, other_certs: CertP
 @pytest.mark.integration
 def test_second_server_on_a_port_in_use(tmp_path: Path, superlink: int, certs: CertPaths) -> None:
     config = tmp_path / "c.yaml"
+    make_node_keys(tmp_path / "h1")
     config.write_text(
         f"host: 127.0.0.1\nport: {superlink}\nout_dir: run\ntls: {{ca_cert: {certs.ca_cert}, "
         f"server_cert: {certs.server_cert}, server_key: {certs.server_key}}}\n"
+        "sites: [{name: h1, node_key: h1/node.pub}]\n"
     )
     assert_one_line(*run("server", "--config", str(config)), "already in use")
 

@@ -11,10 +11,12 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord
 
+from fedglm.compression import PayloadError
 from fedglm.payload import LEDGER_KEY
-from fedglm.privacy.keys import public_pem
-from fedglm.server.countersign import Countersigner
+from fedglm.privacy.keys import key_id, public_pem
+from fedglm.server.countersign import WRONG_SITE, Countersigner
 from fedglm.server.strategy import REJECTED_PREFIX
+from tests.server.test_countersign import BASE, BLOB, entry, ledger_record
 from tests.server.test_strategy import FakeReply, make_strategy, replies, update
 
 PEM = public_pem(Ed25519PrivateKey.generate().public_key())
@@ -70,3 +72,21 @@ def test_the_coordinators_bound_applies_with_few_sites() -> None:
     assert metrics is not None and metrics["clipped"] == 1 and metrics["update-norm-bound"] == 1.0
     state = torch.cat([t.reshape(-1) for t in strategy.broadcast.state.values()])
     assert bool(torch.isfinite(state).all()) and float(state.norm()) <= 1.0 + 1e-5
+
+
+def test_a_second_site_under_a_taken_name_is_refused_and_the_real_site_is_not_locked_out(
+    tmp_path: Path,
+) -> None:
+    """Node 2 (listed as site-b) connects first and claims site-a with a key of its own: it used
+    to pin site-a's key and lock the real hospital out for good, or join under N names."""
+    desk = Countersigner(Ed25519PrivateKey.generate(), tmp_path, "run-1", nodes={1: "site-a", 2: "site-b"})
+    rogue = Ed25519PrivateKey.generate()
+    rogue_entry = entry(key=key_id(rogue.public_key()))
+    with pytest.raises(PayloadError, match="node 2 is listed for site 'site-b', not 'site-a'") as raised:
+        desk.countersign(2, ledger_record(rogue_entry, rogue), BLOB, 3, BASE)
+    assert raised.value.reason == WRONG_SITE
+    with pytest.raises(PayloadError, match="node 9 is listed for site None"):  # no listed node at all
+        desk.countersign(9, ledger_record(rogue_entry, rogue), BLOB, 3, BASE)
+    assert "site-a" not in desk.site_keys
+    desk.countersign(1, ledger_record(entry()), BLOB, 3, BASE)  # the real hospital
+    assert desk.site_keys["site-a"] == entry()["key"]

@@ -14,6 +14,7 @@ import pytest
 
 from fedglm.certs import CertPaths
 from fedglm.corpus import write_generated_corpus
+from fedglm.nodes import make_node_keys
 from fedglm.privacy.keys import make_keys
 from fedglm.processes import free_port
 from fedglm.server.checkpoint import load_checkpoint
@@ -45,6 +46,7 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
         f"host: 127.0.0.1\nport: {port}\nout_dir: run\n"
         f"tls: {{ca_cert: {certs.ca_cert}, server_cert: {certs.server_cert}, "
         f"server_key: {certs.server_key}}}\n"
+        "sites:\n  - {name: h1, node_key: state-1/node.pub}\n  - {name: h2, node_key: state-2/node.pub}\n"
         "federation:\n  rounds: 2\n  min_clients: 2\n"
         "  train: {local_steps: 5, batch_size: 8, seq_len: 64}\n"
     )
@@ -57,6 +59,7 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
             "privacy: {sample_rate: 0.2, epsilon: 8.0}\n"
         )
         make_keys(tmp_path / f"state-{i}", "ledger")
+        make_node_keys(tmp_path / f"state-{i}")  # node.pub: what the hospital sends the coordinator
     logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("server1", "server2", "h1", "h2")}
 
     def launch(args: list[str], log: str) -> subprocess.Popen[bytes]:
