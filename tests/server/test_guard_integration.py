@@ -1,4 +1,5 @@
-"""A foreign app submitted to a running coordinator is refused and never executed (real Flower).
+"""A foreign app submitted to a running coordinator is refused and never executed, and an
+unlisted SuperNode cannot connect (real Flower).
 
 The coordinator's SuperLink listens on every interface, as for hospitals. From afar (the
 machine's own non-loopback address, when it has one) the Control and runtime APIs answer 403;
@@ -21,8 +22,11 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.proto.control_pb2 import ListRunsRequest
 
 from fedglm.certs import CertPaths
+from fedglm.clients.supernode import start_supernode
 from fedglm.errors import CheckFailed
+from fedglm.nodes import NODE_KEY, NODE_PUB, make_node_keys, read_node_public_key
 from fedglm.processes import ManagedProcess, free_port
+from fedglm.server.coordinator import admit_sites
 from fedglm.server.submit import ControlClient
 from fedglm.server.superlink import TLSFiles, start_superlink
 from tests.conftest import ROOT
@@ -88,3 +92,45 @@ def test_a_foreign_app_is_refused_and_never_runs(coordinator: int, certs: CertPa
         client.close()
     assert dict(runs) == {}
     assert not marker.exists() and not Path(str(marker) + ".server").exists()
+
+
+def test_only_listed_supernodes_connect(tmp_path: Path, certs: CertPaths) -> None:
+    """A SuperNode whose key the coordinator did not list cannot join, under any name."""
+    port = free_port()
+    tls = TLSFiles(certs.ca_cert, certs.server_cert, certs.server_key)
+    make_node_keys(tmp_path / "listed")
+    make_node_keys(tmp_path / "rogue")
+    spec = tmp_path / "site.json"
+    spec.write_text("{}")
+    processes: list[ManagedProcess] = []
+    try:
+        processes.append(
+            start_superlink(host="127.0.0.1", port=port, tls=tls, home=tmp_path / "link", node_auth=True)
+        )
+        nodes = admit_sites(
+            f"127.0.0.1:{port}",
+            certs.ca_cert,
+            {"h1": read_node_public_key(tmp_path / "listed" / NODE_PUB, "key")},
+        )
+        for who in ("rogue", "listed"):
+            processes.append(
+                start_supernode(
+                    coordinator=f"127.0.0.1:{port}",
+                    ca_cert=certs.ca_cert,
+                    runtime_port=free_port(),
+                    site_spec=spec,
+                    home=tmp_path / f"node-{who}",
+                    node_key=tmp_path / who / NODE_KEY,
+                )
+            )
+        rogue, listed = processes[1:]
+        [node_id] = nodes
+        joined = f"SuperNode ID: {node_id}"
+        deadline = time.monotonic() + 60
+        while (rogue.alive() or joined not in listed.log_path.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not rogue.alive() and "[code: 2004] Failed to activate SuperNode" in rogue.log_path.read_text()
+        assert listed.alive() and joined in listed.log_path.read_text()
+    finally:
+        for process in reversed(processes):
+            process.stop()
