@@ -78,7 +78,13 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
                 f"{out_dir}: its checkpoint is of another model shape, base model or adapter setting; "
                 "use a new out_dir"
             )
-        broadcast = Broadcast(checkpoint.state, residual=checkpoint.residual, trainable=trainable)
+        # (a round-0 checkpoint is the model every site can build from the seed: INIT, as before)
+        broadcast = Broadcast(
+            checkpoint.state,
+            residual=checkpoint.residual,
+            trainable=trainable,
+            initial=checkpoint.round == 0 and base is None,
+        )
         run_key = checkpoint.run_key
         first_round = checkpoint.round + 1
         if checkpoint.mask:
@@ -91,12 +97,24 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         run_key = secrets.token_hex(8)
         if (out_dir / metrics.METRICS_NAME).exists():
             metrics.truncate_after(out_dir, 0)
+        # Round 0 is persisted too: a restart during round 1 resumes this run (same run key),
+        # so a site that spent its budget on round 1 is not asked to spend it again.
+        start = Checkpoint(
+            round=0,
+            state=broadcast.state,
+            residual=broadcast.residual,
+            run_key=run_key,
+            fingerprint=fingerprint,
+        )
+        save_checkpoint(out_dir, start)
 
     if first_round > fed.rounds:
         log(INFO, "All %d rounds are already done in %s", fed.rounds, out_dir)
         return
 
-    countersigner = Countersigner(load_private_key(spec.receipt_key), out_dir / "receipts", run_key)
+    countersigner = Countersigner(
+        load_private_key(spec.receipt_key), out_dir / "receipts", run_key, nodes=spec.nodes
+    )
     strategy = FedglmAvg(
         broadcast=broadcast,
         compression=fed.compression,
@@ -111,6 +129,8 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         mask=mask,
         lora_scale=lora.scale if lora else None,
         max_update_norm=fed.max_update_norm,
+        aggregation=fed.aggregation,
+        trim_fraction=fed.trim_fraction,
     )
     strategy.summary()
 

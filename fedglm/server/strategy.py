@@ -1,4 +1,4 @@
-"""fedglm's aggregation strategy: federated averaging of compressed, checked updates.
+"""fedglm's aggregation strategy: federated averaging (or a robust rule) of compressed, checked updates.
 
 It keeps Flower's four strategy verbs (`configure_train`, `aggregate_train`,
 `configure_evaluate`, `aggregate_evaluate`), driven by fedglm's own round loop. The model
@@ -25,6 +25,10 @@ payloads (`compression/FORMAT.md`), never the model as dense tensors.
 - Weights are uniform by default, because a site's record count is private; a coordinator may
   ask for record-count weights, used only in a round where every replying site declared its
   count public.
+- `federation.aggregation` chooses how the clipped updates are combined: `mean` (the default,
+  the weighted mean above), or the coordinate-wise `trimmed-mean` or `median` (`robust.py`:
+  tolerant to a minority of hostile sites, weights ignored). The robust rules decode the
+  updates tensor by tensor, so their extra memory is (number of sites) x (largest tensor).
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from flwr.common import MessageType, log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedglm.compression import CODECS, Decoded, Kind, PayloadError, check_header, decode
+from fedglm.compression import CODEC_IDS, CODECS, Decoded, Kind, PayloadError, check_header, decode
+from fedglm.compression.update import payload_limit
+from fedglm.compression.wire import unpack
 from fedglm.config import CompressionConfig, PruningConfig
 from fedglm.lora import merge_adapters
 from fedglm.model import GLMArgs
@@ -58,8 +64,11 @@ from fedglm.payload import (
 from fedglm.pruning import MASK_KEY, Mask, choose_mask, slice_state
 from fedglm.server.broadcast import Broadcast
 from fedglm.server.countersign import BAD_LEDGER, Countersigner
+from fedglm.server.robust import ROBUST_RULES, aggregate, check_trim_fraction
 
 Weighting = Literal["uniform", "records"]
+Aggregation = Literal["mean", "trimmed-mean", "median"]
+AGGREGATIONS: tuple[Aggregation, ...] = ("mean", *ROBUST_RULES)
 REJECTED_PREFIX = "rejected/"
 ADAPTIVE_FACTOR = 4.0  # a site's update may be this many times the round's lower-median norm
 
@@ -92,9 +101,14 @@ class FedglmAvg:
         mask: Mask | None = None,
         lora_scale: float | None = None,
         max_update_norm: float = math.inf,
+        aggregation: Aggregation = "mean",
+        trim_fraction: float = 0.2,
     ) -> None:
         if require_dp and countersigner is None:
             raise ValueError("require_dp needs a countersigner")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+        check_trim_fraction(trim_fraction)
         if (pruning is not None or mask is not None) and model_args is None:
             raise ValueError("pruning needs the unpruned model's args")
         self.broadcast = broadcast
@@ -111,6 +125,15 @@ class FedglmAvg:
         self.mask = mask or (Mask.full(model_args) if model_args is not None else None)
         self.lora_scale = lora_scale  # set when sites train LoRA adapters: rank the merged model
         self.max_update_norm = max_update_norm
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        if aggregation != "mean" and weighting != "uniform":
+            log(
+                WARNING,
+                "aggregation %s counts every site once: %s weights are ignored",
+                aggregation,
+                weighting,
+            )
         self._allocate()
 
     def _allocate(self) -> None:
@@ -149,12 +172,17 @@ class FedglmAvg:
 
     def summary(self) -> None:
         up, down = self.compression.uplink, self.compression.downlink
+        rule: str = self.aggregation
+        if rule == "trimmed-mean":
+            rule += f"@{self.trim_fraction:g}"
         log(
             INFO,
-            "FedglmAvg: min_clients=%d fraction_train=%.2f weighting=%s uplink=%s@%g downlink=%s@%g",
+            "FedglmAvg: min_clients=%d fraction_train=%.2f weighting=%s aggregation=%s uplink=%s@%g "
+            "downlink=%s@%g",
             self.min_clients,
             self.fraction_train,
             self.weighting,
+            rule,
             up.codec,
             up.density,
             down.codec,
@@ -255,38 +283,75 @@ class FedglmAvg:
                 continue
             checked.append((reply, weight, blob, update_norm(tensors.values())))
         bound = self._norm_bound([norm for *_, norm in checked])
-        for total in self._sum.values():
-            total.fill(0.0)
+        # An update over the bound is scaled down to it (see the module docstring).
+        scales = [bound / norm if norm > bound else 1.0 for *_, norm in checked]
+        blobs = [blob for _, _, blob, _ in checked]
+        if self.aggregation == "mean":
+            self._weighted_mean(blobs, [weight for _, weight, _, _ in checked], scales)
+        else:
+            self._robust(blobs, scales)
         accepted: list[MetricRecord] = []
-        weight_sum, clipped = 0.0, 0
-        for reply, weight, blob, norm in checked:
-            scale = 1.0
-            if norm > bound:
-                scale, clipped = bound / norm, clipped + 1
-            # Decoded again rather than kept: memory stays linear in the model, not in the sites.
-            _, tensors = decode(blob, self.broadcast.update_shapes)
-            for name, change in tensors.items():
-                change.add_to(self._sum[name], weight * scale)
-            weight_sum += weight
+        for reply, *_ in checked:
             accepted.append(_metrics(reply))
             self.broadcast.holds(reply.metadata.src_node_id)
         metrics = _mean_metrics(accepted, ("train_loss",))
         metrics["clients"] = len(accepted)
         metrics["declined"] = declined
-        metrics["clipped"] = clipped
+        metrics["clipped"] = sum(1 for *_, norm in checked if norm > bound)
         if math.isfinite(bound):
             metrics["update-norm-bound"] = bound
         for reason, count in rejected.items():
             metrics[REJECTED_PREFIX + reason] = count
         if not accepted:
             return metrics
-        for total in self._sum.values():
-            total *= np.float32(1.0 / weight_sum)
         down = self.compression.downlink
         self.broadcast.advance(
             self._sum, server_round, codec=CODECS[down.codec], density=down.density, selection=down.selection
         )
         return metrics
+
+    def _weighted_mean(self, blobs: list[bytes], weights: list[float], scales: list[float]) -> None:
+        """`self._sum` = the weighted mean of the clipped updates (zero without any update)."""
+        for total in self._sum.values():
+            total.fill(0.0)
+        weight_sum = 0.0
+        for blob, weight, scale in zip(blobs, weights, scales, strict=True):
+            # Decoded again rather than kept: memory stays linear in the model, not in the sites.
+            _, tensors = decode(blob, self.broadcast.update_shapes)
+            for name, change in tensors.items():
+                change.add_to(self._sum[name], weight * scale)
+            weight_sum += weight
+        if blobs:
+            for total in self._sum.values():
+                total *= np.float32(1.0 / weight_sum)
+
+    def _robust(self, blobs: list[bytes], scales: list[float]) -> None:
+        """`self._sum` = the robust rule applied to the clipped updates, tensor by tensor.
+
+        Each payload's table is parsed once (its bodies stay views into the payload); each
+        tensor is then decoded from every payload into one (sites, size) stack, so at most one
+        tensor's values from every site are held at a time. A tensor a sparse payload left out
+        is zero for that site. The payloads were fully checked by `decode` already."""
+        if not blobs:
+            for total in self._sum.values():
+                total.fill(0.0)
+            return
+        shapes = self.broadcast.update_shapes
+        limit = payload_limit(shapes)
+        tables = []
+        for blob in blobs:
+            payload = unpack(blob, shapes, limit)
+            tables.append((CODEC_IDS[payload.header.codec_id], {t.name: t.body for t in payload.tensors}))
+        rule = self.aggregation
+        assert rule != "mean"
+        for name, total in self._sum.items():
+            stacked = np.zeros((len(blobs), total.size), dtype=np.float32)
+            for row, ((codec, bodies), scale) in enumerate(zip(tables, scales, strict=True)):
+                body = bodies.get(name)
+                if body is not None:
+                    codec.decode(body, total.size).add_to(stacked[row], scale)
+            total[:] = aggregate(stacked, rule, self.trim_fraction)
+            del stacked  # freed before the next tensor's stack is allocated
 
     def _norm_bound(self, norms: list[float]) -> float:
         """The largest L2 norm one site's update may have this round (see the module docstring)."""

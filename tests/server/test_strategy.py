@@ -40,6 +40,8 @@ def make_strategy(
     *,
     countersigner: Countersigner | None = None,
     max_update_norm: float = math.inf,
+    aggregation: str = "mean",
+    trim_fraction: float = 0.2,
 ) -> FedglmAvg:
     """Averaging of dense updates that does not require DP (a ledger is checked if sent)."""
     broadcast = Broadcast({name: torch.zeros(shape) for name, shape in SHAPES.items()}, initial=True)
@@ -52,6 +54,8 @@ def make_strategy(
         countersigner=countersigner,
         require_dp=False,
         max_update_norm=max_update_norm,
+        aggregation=aggregation,  # type: ignore[arg-type]
+        trim_fraction=trim_fraction,
     )
 
 
