@@ -13,6 +13,7 @@ use; a failure is a `PayloadError` naming the problem.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,6 +58,29 @@ def read_payload(content: RecordDict) -> bytes | None:
             f"'{PAYLOAD_NAME}' is {array.dtype}/{array.stype}, expected bytes/{PAYLOAD_STYPE}", "bad-record"
         )
     return bytes(array.data)
+
+
+MAX_SITE_TEXT = 200  # characters of a site's text (error reason, decline reason) the coordinator logs
+
+
+def site_number(record: Mapping[str, Any], key: str) -> float | None:
+    """The finite number a site sent under `key`; anything else (a list, NaN, a bool) counts as absent."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def site_text(value: object) -> str:
+    """A site's text for the coordinator's log: printable, one line, at most `MAX_SITE_TEXT` characters."""
+    text = value if isinstance(value, str) else type(value).__name__
+    clipped = text[: MAX_SITE_TEXT + 1]
+    line = "".join(c if c.isprintable() else " " for c in clipped)
+    return line if len(text) <= MAX_SITE_TEXT else line[:MAX_SITE_TEXT] + "..."
 
 
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -60,6 +60,8 @@ from fedglm.payload import (
     RECEIPT_KEY,
     payload_record,
     read_payload,
+    site_number,
+    site_text,
 )
 from fedglm.pruning import MASK_KEY, Mask, choose_mask, slice_state
 from fedglm.server.broadcast import Broadcast
@@ -255,7 +257,11 @@ class FedglmAvg:
                 self.exhausted.add(reply.metadata.src_node_id)
                 declined += 1
                 log(
-                    INFO, "round %d: node %d %s", server_round, reply.metadata.src_node_id, ledger["declined"]
+                    INFO,
+                    "round %d: node %d %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    site_text(ledger["declined"]),
                 )
             else:
                 good.append(reply)
@@ -278,7 +284,7 @@ class FedglmAvg:
                     server_round,
                     reply.metadata.src_node_id,
                     exc.reason,
-                    exc,
+                    site_text(str(exc)),  # it may quote what the site sent
                 )
                 continue
             checked.append((reply, weight, blob, update_norm(tensors.values())))
@@ -384,15 +390,15 @@ class FedglmAvg:
     def _weights(self, metrics: list[MetricRecord], server_round: int) -> list[float]:
         if self.weighting == "uniform":
             return [1.0] * len(metrics)
-        if not all(m.get("records-public") == 1 for m in metrics):
+        if not all(site_number(m, "records-public") == 1 for m in metrics):
             log(
                 WARNING,
                 "round %d: a site did not declare its record count public; averaging uniformly this round",
                 server_round,
             )
             return [1.0] * len(metrics)
-        counts = [float(m.get("weight", 0.0)) for m in metrics]
-        if any(not math.isfinite(c) or c <= 0 for c in counts):
+        counts = [site_number(m, "weight") or 0.0 for m in metrics]
+        if any(c <= 0 for c in counts):
             log(WARNING, "round %d: a record count is not positive; averaging uniformly", server_round)
             return [1.0] * len(metrics)
         return counts
@@ -411,7 +417,7 @@ def _successful(replies: Iterable[Message], server_round: int) -> list[Message]:
                 "round %d: node %d replied with an error: %s",
                 server_round,
                 reply.metadata.src_node_id,
-                reply.error.reason,
+                site_text(reply.error.reason),
             )
         else:
             good.append(reply)
@@ -419,10 +425,10 @@ def _successful(replies: Iterable[Message], server_round: int) -> list[Message]:
 
 
 def _mean_metrics(records: list[MetricRecord], keys: tuple[str, ...]) -> MetricRecord:
-    """Uniform mean of each key over the records that report a finite value for it."""
+    """Uniform mean of each key over the records that report a finite number for it."""
     out = MetricRecord()
     for key in keys:
-        values = [float(r[key]) for r in records if key in r and math.isfinite(float(r[key]))]
+        values = [v for v in (site_number(r, key) for r in records) if v is not None]
         if values:
             out[key] = sum(values) / len(values)
     return out

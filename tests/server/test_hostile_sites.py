@@ -90,3 +90,32 @@ def test_a_second_site_under_a_taken_name_is_refused_and_the_real_site_is_not_lo
     assert "site-a" not in desk.site_keys
     desk.countersign(1, ledger_record(entry()), BLOB, 3, BASE)  # the real hospital
     assert desk.site_keys["site-a"] == entry()["key"]
+
+
+def test_hostile_metrics_and_error_text_leave_the_round_going(caplog: pytest.LogCaptureFixture) -> None:
+    """Metrics a site sends as lists, NaN or infinities count as absent (they used
+    to reach `float()` and raise out of the aggregation), and an error reply's megabyte of text
+    is logged as one short line."""
+    strategy = make_strategy(weighting="records")
+    hostile_metrics = [
+        {"train_loss": [1.0, 2.0], "weight": [3.0], "records-public": 1},
+        {"train_loss": float("nan"), "weight": float("inf"), "records-public": 1},
+        {"train_loss": 10**30, "weight": -5.0, "records-public": 1},
+    ]
+    honest = FakeReply(
+        update(strategy, 0.01), {"train_loss": 2.0, "weight": 10.0, "records-public": 1}, node=1
+    )
+    others = [FakeReply(update(strategy, 0.01), m, node=n) for n, m in enumerate(hostile_metrics, start=2)]
+    metrics = strategy.aggregate_train(1, replies(honest, *others))
+    assert metrics is not None and metrics["clients"] == 4
+    assert metrics["train_loss"] == pytest.approx((2.0 + 1e30) / 2)  # finite numbers count, as sent
+    evaluated = strategy.aggregate_evaluate(
+        1, replies(*(FakeReply(None, {"val_loss": [1.0]}, node=n) for n in (1, 2)))
+    )
+    assert evaluated is not None and "val_loss" not in evaluated
+
+    failed = FakeReply(None, {}, node=7, error="\x1b[31m" + "A" * 1_000_000)
+    with caplog.at_level("WARNING"):
+        strategy.aggregate_evaluate(1, replies(failed))
+    [line] = [r.getMessage() for r in caplog.records if "replied with an error" in r.getMessage()]
+    assert len(line) < 300 and "\x1b" not in line

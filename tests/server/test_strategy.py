@@ -24,15 +24,18 @@ DENSE_DOWNLINK = CompressionConfig(downlink=LinkConfig(codec="dense"))
 class FakeReply:
     """A reply as the strategy reads it: content, metadata.src_node_id, errors."""
 
-    def __init__(self, arrays: ArrayRecord | None, metrics: dict[str, Any], node: int = 1) -> None:
+    def __init__(
+        self, arrays: ArrayRecord | None, metrics: dict[str, Any], node: int = 1, error: str | None = None
+    ) -> None:
         content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
         if arrays is not None:
             content[ARRAYS_KEY] = arrays
         self.content = content
         self.metadata = type("M", (), {"src_node_id": node})()
+        self.error = type("E", (), {"reason": error})()
 
     def has_error(self) -> bool:
-        return False
+        return self.error.reason is not None
 
 
 def make_strategy(
