@@ -37,7 +37,7 @@ from federated import make_sites, run_once, site_records  # noqa: E402  (bench/f
 
 from fedglm.app_bundle import fab_bytes  # noqa: E402
 from fedglm.atomic import atomic_write_text  # noqa: E402
-from fedglm.clients.app import SITE_NAME  # noqa: E402
+from fedglm.clients.site import SITE_NAME  # noqa: E402
 from fedglm.config import (  # noqa: E402
     DataConfig,
     FederationConfig,

@@ -18,7 +18,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedglm import metrics
 from fedglm.model import build_model
-from fedglm.payload import CONFIG_KEY, round_config, state_record, wire_bytes
+from fedglm.payload import CONFIG_KEY, state_record, wire_bytes
+from fedglm.protocol import RoundConfig
 from fedglm.server.app import read_spec
 
 app = ServerApp()
@@ -41,7 +42,7 @@ class CountingGrid:
         messages = list(messages)
         if not messages:
             return []
-        rnd = int(messages[0].content.config_records[CONFIG_KEY]["server-round"])  # type: ignore[arg-type]
+        rnd = RoundConfig.from_record(messages[0].content.config_records[CONFIG_KEY]).server_round or 0
         self.down[rnd] += sum(wire_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.up[rnd] += sum(wire_bytes(r.content) for r in replies if not r.has_error())
@@ -61,15 +62,16 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=fed.min_clients,
         weighted_by_key="weight",
     )
-    config = round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)
+    # Flower's FedAvg adds `server-round` to this config itself.
+    config = RoundConfig(model=fed.model, train=fed.train, seed=fed.seed).to_record()
     counting = CountingGrid(grid)
     result = strategy.start(
         grid=counting,  # type: ignore[arg-type]
         initial_arrays=state_record(model),
         num_rounds=fed.rounds,
         timeout=fed.round_timeout_s,
-        train_config=ConfigRecord(config),
-        evaluate_config=ConfigRecord(config),
+        train_config=config,
+        evaluate_config=ConfigRecord(dict(config)),
     )
     for rnd in range(1, fed.rounds + 1):
         train = result.train_metrics_clientapp.get(rnd, {})

@@ -3,9 +3,10 @@
 Content keys (both directions): `arrays` (an ArrayRecord), `config` (a ConfigRecord, server to
 client), `metrics` (a MetricRecord, client to server), `ledger` (a ConfigRecord, client to
 server: the signed ledger line of the update, or why the site declined the round), `receipt` (a
-ConfigRecord, server to client: the countersignature of the site's last entry). fedglm's own
-messages carry one bytes Array named `payload` (stype `fedglm/1`) in `arrays`: a compressed
-payload in the format of `compression/FORMAT.md`. Plain FedAvg messages (Flower's stock
+ConfigRecord, server to client: the countersignature of the site's last entry). What `config`
+and `receipt` hold is the round protocol (`protocol.py`). fedglm's own messages carry one bytes
+Array named `payload` (stype `fedglm/1`) in `arrays`: a compressed payload in the format of
+`compression/FORMAT.md`. Plain FedAvg messages (Flower's stock
 strategies) carry fp32 tensors named as in the model's state dict instead; the ClientApp
 answers those in kind (sites without DP only). Anything from the network is checked before
 use; a failure is a `PayloadError` naming the problem.
@@ -125,37 +126,3 @@ def wire_bytes(obj: Any) -> int:
     for child in (obj.children or {}).values():
         total += wire_bytes(child)
     return total
-
-
-BASE_HASH_KEY = "base.hash"  # the round config's key: the hex hash of the run's base model
-NULLABLE_TRAIN_KEYS = ("local_steps", "local_epochs", "grad_clip")
-
-
-def round_config(model: Mapping[str, Any], train: Mapping[str, Any], seed: int) -> dict[str, Any]:
-    """The flat `config` sent with each round: `model.*`, `train.*` and the federation seed.
-
-    fedglm's strategy adds `server-round`, `run-key` and the round's `uplink.*` settings.
-
-    Null values are left out (a ConfigRecord cannot hold None); the client restores them from
-    the config defaults, which are validated again on its side.
-    """
-    flat: dict[str, Any] = {"seed": seed}
-    for prefix, section in (("model", model), ("train", train)):
-        for key, value in section.items():
-            flat[f"{prefix}.{key}"] = value
-    return {k: v for k, v in flat.items() if v is not None}
-
-
-def split_round_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """Inverse of `round_config`: (model section, train section, seed)."""
-    sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-    for key, value in config.items():
-        prefix, _, name = key.partition(".")
-        if prefix in sections and name:
-            sections[prefix][name] = value
-    for name in NULLABLE_TRAIN_KEYS:
-        sections["train"].setdefault(name, None)
-    seed = config.get("seed", 0)
-    if not isinstance(seed, int):
-        raise PayloadError(f"config 'seed' is {seed!r}, expected an integer")
-    return sections["model"], sections["train"], seed

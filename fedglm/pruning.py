@@ -7,11 +7,11 @@ unpruned model of the run's config. The coordinator owns it:
   `1 - fraction` of the unpruned count (`choose_mask`; at least one head and one channel).
   Ranking uses only the global model's weights, which are post-processing of the sites' DP
   releases: pruning spends no privacy and reads no site's records.
-- The mask goes to every site in the round config (`MASK_KEY`). Both sides apply it the same
-  way, by slicing the model physically (`slice_state`): the pruned parts are gone, so they are
-  neither trained nor sent, every payload shrinks by what was cut, and a site's training runs on
-  the smaller model. Masks only ever shrink, so a site can go from any earlier mask to the
-  current one.
+- The mask goes to every site in the round config (`RoundConfig.mask`, `protocol.py`). Both
+  sides apply it the same way, by slicing the model physically (`slice_state`): the pruned
+  parts are gone, so they are neither trained nor sent, every payload shrinks by what was
+  cut, and a site's training runs on the smaller model. Masks only ever shrink, so a site can
+  go from any earlier mask to the current one.
 - Slicing is exact: a sliced model gives the same logits as the unpruned model with the pruned
   heads and channels zeroed (`zero_pruned`), which is what the tests check.
 
@@ -28,8 +28,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedglm.model import GLM, GLMArgs
-
-MASK_KEY = "prune.mask"  # the round config's key: the mask as JSON
 
 _ATTN = "blocks.{}.attn.{}_proj.weight"
 _MLP = "blocks.{}.mlp.{}_proj.weight"

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedglm.atomic import atomic_write_text
 from fedglm.certs import make_certificates
-from fedglm.clients.app import SITE_NAME, describe_site_data
+from fedglm.clients.site import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, FederationConfig, PretrainConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus

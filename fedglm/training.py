@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedglm.config import Precision
+from fedglm.config import Precision, TrainConfig
 from fedglm.data import IGNORE_INDEX, eval_windows
 
 ResolvedPrecision = Literal["fp32", "bf16", "fp16"]
@@ -61,6 +61,13 @@ def make_optimizer(
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected adamw or sgd")
+
+
+def optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer a round's `train` settings name, over the model's trainable parameters."""
+    return make_optimizer(
+        model, name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 def warmup_cosine(
@@ -176,3 +183,12 @@ def steps_for(local_steps: int | None, local_epochs: float | None, n_records: in
         return local_steps
     assert local_epochs is not None
     return max(1, math.ceil(local_epochs * n_records / batch_size))
+
+
+def private_steps_for(local_steps: int | None, local_epochs: float | None, q: float) -> int:
+    """Steps of a DP round; with `local_epochs`, expected passes over the records (epochs / q),
+    so the count depends on public q and not on the private record count."""
+    if local_steps is not None:
+        return local_steps
+    assert local_epochs is not None
+    return max(1, math.ceil(local_epochs / q))

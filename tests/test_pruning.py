@@ -4,12 +4,12 @@ import torch
 from fedglm.clients.state import HeldModel
 from fedglm.clients.sync import prune_held, receive_model
 from fedglm.compression import model_hash
-from fedglm.config import CompressionConfig, ModelConfig, PruneStep, PruningConfig
+from fedglm.config import ModelConfig, PruneStep, PruningConfig
 from fedglm.model import GLM, GLMArgs, build_model, count_parameters
 from fedglm.payload import expected_shapes
 from fedglm.pruning import Mask, choose_mask, importance, slice_model, slice_state, zero_pruned
 from fedglm.server.broadcast import Broadcast
-from fedglm.server.strategy import FedglmAvg
+from fedglm.server.global_model import GlobalModel
 
 ARGS = GLMArgs(d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32)
 
@@ -98,26 +98,20 @@ def test_server_and_site_slice_to_the_same_model() -> None:
     state = dict(trained_like().state_dict())
     broadcast = Broadcast(state)
     broadcast.holds(7)
-    strategy = FedglmAvg(
-        broadcast=broadcast,
-        compression=CompressionConfig(),
-        run_key="run",
-        min_clients=1,
-        require_dp=False,
+    model = GlobalModel(
+        broadcast,
         model_args=args,
         pruning=PruningConfig(schedule=[PruneStep(round=2, heads=0.5, channels=0.25)]),
     )
-    strategy._prune(1)
-    assert strategy.mask_json == ""
-    strategy._prune(2)
-    assert strategy.mask is not None and strategy.mask.kept() == (4, 72)
+    assert not model.prune(1)
+    assert model.mask_json == ""
+    assert model.prune(2)
+    assert model.mask is not None and model.mask.kept() == (4, 72)
     site = HeldModel("run", model_hash(state), state)
-    pruned = prune_held(site, strategy.mask_json, cfg)
+    pruned = prune_held(site, model.mask_json, cfg)
     assert pruned is not None and pruned.hash == broadcast.hash
-    shapes = expected_shapes(GLM(strategy.mask.shape(args)))
+    shapes = expected_shapes(GLM(model.mask.shape(args)))
     assert shapes == broadcast.shapes
     blob = broadcast.payload_for(7, 2)
-    got = receive_model(
-        blob, held=pruned, run="run", model_cfg=cfg, shapes=shapes, mask_text=strategy.mask_json
-    )
+    got = receive_model(blob, held=pruned, run="run", model_cfg=cfg, shapes=shapes, mask_text=model.mask_json)
     assert got is pruned

@@ -12,7 +12,7 @@ from fedglm.atomic import atomic_write_text
 from fedglm.certs import check_certificate_file
 from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import status
-from fedglm.clients.app import SITE_NAME, describe_site_data
+from fedglm.clients.site import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import preflight, start_supernode
 from fedglm.config import HospitalConfig, load_config
 from fedglm.errors import CheckFailed, InputError

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedglm.app_bundle import ALLOWED_ENV, fab_sha256
-from fedglm.clients.app import SITE_KEY
 from fedglm.clients.guard import write_clientapp_shim
+from fedglm.clients.site import SITE_KEY
 from fedglm.errors import InputError
 from fedglm.processes import (
     ManagedProcess,

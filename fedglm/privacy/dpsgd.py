@@ -48,8 +48,10 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
+from fedglm.config import Precision
 from fedglm.data import IGNORE_INDEX, window_batch
-from fedglm.training import ResolvedPrecision, TrainStats, autocast
+from fedglm.errors import InputError
+from fedglm.training import ResolvedPrecision, TrainStats, autocast, resolve_precision
 
 DPMode = Literal["hooks", "ghost"]
 DP_MODES: tuple[DPMode, ...] = ("hooks", "ghost")
@@ -75,6 +77,15 @@ def dp_precision(requested: str, resolved: ResolvedPrecision, mode: DPMode) -> R
     if requested == "auto" and (resolved == "fp16" or mode == "ghost"):
         return "fp32"
     return resolved
+
+
+def dp_precision_for(requested: Precision, device: torch.device, mode: DPMode) -> ResolvedPrecision:
+    """The precision a DP round runs in (`dp_precision`), or `InputError` saying why it cannot."""
+    precision = dp_precision(requested, resolve_precision(requested, device), mode)
+    refused = check_precision(mode, precision)
+    if refused is not None:
+        raise InputError(refused)
+    return precision
 
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:

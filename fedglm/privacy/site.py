@@ -29,7 +29,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,15 +107,6 @@ def expected_batch(
     if count_public:
         return max(1.0, q * n_train)
     return float(batch_size)
-
-
-def round_steps(local_steps: int | None, local_epochs: float | None, q: float) -> int:
-    """Steps of a round; with `local_epochs`, expected passes over the records (epochs / q),
-    so the count depends on public q and not on the private record count."""
-    if local_steps is not None:
-        return local_steps
-    assert local_epochs is not None
-    return max(1, math.ceil(local_epochs / q))
 
 
 def check_delta(privacy: PrivacyConfig, n_train: int, *, private: bool = True) -> None:

@@ -16,7 +16,7 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -26,13 +26,15 @@ from fedglm.config import RunSpec
 from fedglm.errors import InputError
 from fedglm.lora import add_adapters, is_adapter
 from fedglm.model import build_model, count_parameters
-from fedglm.payload import BASE_HASH_KEY, round_config
 from fedglm.pretrain import MANIFEST_FILE, load_base
 from fedglm.privacy.keys import load_private_key
+from fedglm.protocol import RoundConfig
 from fedglm.pruning import Mask
 from fedglm.server.broadcast import Broadcast
-from fedglm.server.checkpoint import Checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
+from fedglm.server.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
 from fedglm.server.countersign import Countersigner
+from fedglm.server.global_model import GlobalModel
+from fedglm.server.ledger_check import LedgerCheck
 from fedglm.server.rounds import run_rounds
 from fedglm.server.strategy import FedglmAvg
 
@@ -97,16 +99,13 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         run_key = secrets.token_hex(8)
         if (out_dir / metrics.METRICS_NAME).exists():
             metrics.truncate_after(out_dir, 0)
+    global_model = GlobalModel(
+        broadcast, model_args=args, pruning=fed.pruning, mask=mask, lora_scale=lora.scale if lora else None
+    )
+    if checkpoint is None:
         # Round 0 is persisted too: a restart during round 1 resumes this run (same run key),
         # so a site that spent its budget on round 1 is not asked to spend it again.
-        start = Checkpoint(
-            round=0,
-            state=broadcast.state,
-            residual=broadcast.residual,
-            run_key=run_key,
-            fingerprint=fingerprint,
-        )
-        save_checkpoint(out_dir, start)
+        save_checkpoint(out_dir, global_model.checkpoint(0, run_key=run_key, fingerprint=fingerprint))
 
     if first_round > fed.rounds:
         log(INFO, "All %d rounds are already done in %s", fed.rounds, out_dir)
@@ -115,19 +114,22 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
     countersigner = Countersigner(
         load_private_key(spec.receipt_key), out_dir / "receipts", run_key, nodes=spec.nodes
     )
-    strategy = FedglmAvg(
-        broadcast=broadcast,
-        compression=fed.compression,
+    settings = RoundConfig(
+        model=fed.model,
+        train=fed.train,
+        seed=fed.seed,
+        rounds=fed.rounds,
         run_key=run_key,
+        base_hash=base.hash if base is not None else None,  # sites check what they receive against it
+    )
+    strategy = FedglmAvg(
+        model=global_model,
+        ledgers=LedgerCheck(countersigner, required=fed.require_dp),
+        settings=settings,
+        compression=fed.compression,
         min_clients=fed.min_clients,
         fraction_train=fed.fraction_train,
         weighting=fed.weighting,
-        countersigner=countersigner,
-        require_dp=fed.require_dp,
-        model_args=args,
-        pruning=fed.pruning,
-        mask=mask,
-        lora_scale=lora.scale if lora else None,
         max_update_norm=fed.max_update_norm,
         aggregation=fed.aggregation,
         trim_fraction=fed.trim_fraction,
@@ -135,29 +137,18 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
     strategy.summary()
 
     def persist(server_round: int, row: dict[str, Any]) -> None:
-        checkpoint = Checkpoint(
-            round=server_round,
-            state=broadcast.state,
-            residual=broadcast.residual,
-            run_key=run_key,
-            fingerprint=fingerprint,
-            mask=strategy.mask_json,
+        """The checkpoint first, then the metrics line: a line always has its checkpoint."""
+        save_checkpoint(
+            out_dir, global_model.checkpoint(server_round, run_key=run_key, fingerprint=fingerprint)
         )
-        save_checkpoint(out_dir, checkpoint)
-        row["epsilon_max"] = countersigner.epsilon_max()
-        row["epsilon"] = dict(sorted(countersigner.epsilon.items()))
         metrics.append_round(out_dir, row)
         log(INFO, "round %d: %s", server_round, row)
 
-    train_config = round_config(fed.model.model_dump(), fed.train.model_dump(), fed.seed)
-    if base is not None:
-        train_config[BASE_HASH_KEY] = base.hash  # sites check what they receive against it
     last = run_rounds(
         grid,
         strategy,
         first_round=first_round,
         last_round=fed.rounds,
-        train_config=ConfigRecord({**train_config, "rounds": fed.rounds}),
         dense_model_bytes=dense_bytes,
         timeout=fed.round_timeout_s,
         on_round=persist,

@@ -15,25 +15,28 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, Protocol
 
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedglm.errors import CheckFailed
 from fedglm.payload import ARRAYS_KEY, STALE_MODEL, wire_bytes
-from fedglm.server.strategy import REJECTED_PREFIX
+from fedglm.server.strategy import EvalOutcome, TrainOutcome
 
 REPLY_POLL_S = 0.2
 
 
-class Strategy(Protocol):
-    def configure_train(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]: ...
+class RoundStrategy(Protocol):
+    """fedglm's own strategy protocol (not Flower's `Strategy`): typed settings out, typed
+    outcomes back (`strategy.FedglmAvg`)."""
 
-    def aggregate_train(self, server_round: int, replies: list[Message]) -> MetricRecord | None: ...
+    def train_messages(self, server_round: int, grid: Grid) -> list[Message]: ...
 
-    def configure_evaluate(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]: ...
+    def train_outcome(self, server_round: int, replies: list[Message]) -> TrainOutcome: ...
 
-    def aggregate_evaluate(self, server_round: int, replies: list[Message]) -> MetricRecord | None: ...
+    def evaluate_messages(self, server_round: int, grid: Grid) -> list[Message]: ...
+
+    def evaluate_outcome(self, server_round: int, replies: list[Message]) -> EvalOutcome: ...
 
     def full_model(self, message: Message) -> Message: ...
 
@@ -120,16 +123,15 @@ RoundHook = Callable[[int, dict[str, Any]], None]
 
 def run_rounds(
     grid: Grid,
-    strategy: Strategy,
+    strategy: RoundStrategy,
     *,
     first_round: int,
     last_round: int,
-    train_config: ConfigRecord,
     dense_model_bytes: int,
     timeout: float,
     on_round: RoundHook,
 ) -> int:
-    """Run rounds `first_round..last_round`; `on_round` persists each finished round.
+    """Run rounds `first_round..last_round`; `on_round` persists each finished round's row.
 
     The run ends early, after the last finished round, when too few sites have privacy budget
     left to train (all selected sites declined, or fewer than `min_clients` remain). Returns
@@ -141,60 +143,58 @@ def run_rounds(
         traffic = Traffic(dense_model_bytes)
 
         started = time.perf_counter()
-        messages = strategy.configure_train(server_round, ConfigRecord(dict(train_config)), grid)
+        messages = strategy.train_messages(server_round, grid)
         if not messages:
             log(WARNING, "round %d: too few sites have privacy budget left; the run ends here", server_round)
             return server_round - 1
         replies = traffic.exchange(grid, messages, timeout, strategy.full_model)
         log(INFO, "round %d: training exchange %.1f s", server_round, time.perf_counter() - started)
-        train_metrics = strategy.aggregate_train(server_round, replies)
-        rejections = _rejections(train_metrics)
-        declined = int(train_metrics.get("declined", 0)) if train_metrics is not None else 0
-        if declined and train_metrics is not None and not train_metrics.get("clients") and not rejections:
+        trained = strategy.train_outcome(server_round, replies)
+        if trained.declined and not trained.clients and not trained.rejections:
             log(
                 WARNING,
                 "round %d: every selected site declined (budget spent); the run ends here",
                 server_round,
             )
             return server_round - 1
-        if train_metrics is None or not train_metrics.get("clients"):
+        if not trained.clients:
             raise CheckFailed(
                 f"round {server_round}: no valid training reply from {len(messages)} client(s)"
-                + (f" (rejected: {rejections})" if rejections else "")
+                + (f" (rejected: {trained.rejections})" if trained.rejections else "")
                 + "; see the client logs"
             )
 
         started = time.perf_counter()
-        messages = strategy.configure_evaluate(server_round, ConfigRecord(dict(train_config)), grid)
+        messages = strategy.evaluate_messages(server_round, grid)
         eval_replies = traffic.exchange(grid, messages, timeout, strategy.full_model)
-        eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies) or MetricRecord()
+        evaluated = strategy.evaluate_outcome(server_round, eval_replies)
         log(INFO, "round %d: evaluation exchange %.1f s", server_round, time.perf_counter() - started)
-
-        row: dict[str, Any] = {
-            "round": server_round,
-            "train_loss": train_metrics.get("train_loss"),
-            "val_loss": eval_metrics.get("val_loss"),
-            "val_bpb": eval_metrics.get("val_bpb"),
-            "upload_bytes": traffic.upload_bytes,
-            "download_bytes": traffic.download_bytes,
-            "dense_upload_bytes": traffic.dense_upload_bytes,
-            "dense_download_bytes": traffic.dense_download_bytes,
-            "clients": int(train_metrics.get("clients", 0)),
-            "rejected_updates": sum(rejections.values()),
-            "rejections": rejections,
-            "declined": declined,
-            "clipped_updates": int(train_metrics.get("clipped", 0)),
-            "update_norm_bound": train_metrics.get("update-norm-bound"),
-            "epsilon_max": None,  # filled by the ServerApp from its receipts
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        on_round(server_round, row)
+        on_round(
+            server_round, round_row(server_round, trained, evaluated, traffic, time.perf_counter() - start)
+        )
     return last_round
 
 
-def _rejections(metrics: MetricRecord | None) -> dict[str, int]:
-    if metrics is None:
-        return {}
+def round_row(
+    server_round: int, trained: TrainOutcome, evaluated: EvalOutcome, traffic: Traffic, seconds: float
+) -> dict[str, Any]:
+    """The round's line in `metrics.jsonl` (keys in `metrics.REQUIRED_KEYS`)."""
     return {
-        k.removeprefix(REJECTED_PREFIX): int(v) for k, v in metrics.items() if k.startswith(REJECTED_PREFIX)
+        "round": server_round,
+        "train_loss": trained.train_loss,
+        "val_loss": evaluated.val_loss,
+        "val_bpb": evaluated.val_bpb,
+        "upload_bytes": traffic.upload_bytes,
+        "download_bytes": traffic.download_bytes,
+        "dense_upload_bytes": traffic.dense_upload_bytes,
+        "dense_download_bytes": traffic.dense_download_bytes,
+        "clients": trained.clients,
+        "rejected_updates": sum(trained.rejections.values()),
+        "rejections": trained.rejections,
+        "declined": trained.declined,
+        "clipped_updates": trained.clipped,
+        "update_norm_bound": trained.norm_bound,
+        "epsilon_max": max(trained.epsilon.values()) if trained.epsilon else None,
+        "seconds": round(seconds, 3),
+        "epsilon": trained.epsilon,
     }

@@ -1,57 +1,42 @@
-"""fedglm's aggregation strategy: federated averaging (or a robust rule) of compressed, checked updates.
+"""fedglm's aggregation strategy: which sites to ask, and what their replies add up to.
 
-It keeps Flower's four strategy verbs (`configure_train`, `aggregate_train`,
-`configure_evaluate`, `aggregate_evaluate`), driven by fedglm's own round loop. The model
-itself lives in a `Broadcast` (the copy every client holds); messages carry compressed
-payloads (`compression/FORMAT.md`), never the model as dense tensors.
+`FedglmAvg` follows fedglm's own round protocol (`rounds.RoundStrategy`), not Flower's
+`Strategy` signatures: messages are built from the round's typed settings
+(`protocol.RoundConfig`) and carry compressed payloads (`compression/FORMAT.md`), never the
+model as dense tensors; replies come back as typed outcomes (`TrainOutcome`, `EvalOutcome`).
+Its parts each live elsewhere:
+- the global model, what every node holds of it and the pruning mask: `global_model.py`;
+- whether an update may count by its ledger entry (DP required): `ledger_check.py`;
+- each site's norm bound and the mean or robust rule: `combine.py`, `robust.py`.
+What is left here:
 - Each reply's payload is parsed and checked in full (format, checksum, names, shapes, index
-  ranges, finite values, the round and the model it was built on) before any of it is added;
-  a bad payload leaves that client out of the round, logged and counted by reason.
-- Accepted updates are decoded one at a time into one preallocated fp32 accumulator: memory
-  is linear in the model size, not in the number of clients.
-- With DP required (the default), an update is accepted only with a ledger entry that matches
-  it (`countersign.py`); the coordinator countersigns it and sends the receipt back. A site
-  that declines a round (its budget would be exceeded) is not selected for training again.
-- At the rounds of the pruning schedule, the global model (with LoRA: merged with its
-  adapters) is ranked and sliced before the round's messages are built (`fedglm/pruning.py`);
-  every later message carries the mask.
-- Each site's contribution is bounded: an update whose L2 norm exceeds the round's bound is
-  scaled down to it (clipped, not rejected: an honest site with an unusually large update
-  still counts, with bounded influence). The bound is the smaller of the coordinator's
-  `federation.max_update_norm` and, with at least three sites, `ADAPTIVE_FACTOR` times the
-  lower median of the round's update norms, so a minority of sites cannot move the model much
-  further than honest sites do, and the aggregate stays finite whatever arrives. Clipped
-  updates and the bound are reported in `metrics.jsonl`.
+  ranges, finite values, the round and the model it was built on), then its ledger entry,
+  before any of it is added; a bad reply leaves that site out of the round, counted by reason.
+- A site that declines a round (its budget would be exceeded) is not asked to train again.
 - Weights are uniform by default, because a site's record count is private; a coordinator may
   ask for record-count weights, used only in a round where every replying site declared its
-  count public.
-- `federation.aggregation` chooses how the clipped updates are combined: `mean` (the default,
-  the weighted mean above), or the coordinate-wise `trimmed-mean` or `median` (`robust.py`:
-  tolerant to a minority of hostile sites, weights ignored). The robust rules decode the
-  updates tensor by tensor, so their extra memory is (number of sites) x (largest tensor).
+  count public. The robust rules count every site once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Literal
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common import MessageType, log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedglm.compression import CODEC_IDS, CODECS, Decoded, Kind, PayloadError, check_header, decode
-from fedglm.compression.update import payload_limit
-from fedglm.compression.wire import unpack
-from fedglm.config import CompressionConfig, PruningConfig
-from fedglm.lora import merge_adapters
-from fedglm.model import GLMArgs
+from fedglm.compression import Kind, PayloadError, check_header, decode
+from fedglm.config import CompressionConfig, LinkConfig
 from fedglm.payload import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -63,25 +48,37 @@ from fedglm.payload import (
     site_number,
     site_text,
 )
-from fedglm.pruning import MASK_KEY, Mask, choose_mask, slice_state
-from fedglm.server.broadcast import Broadcast
-from fedglm.server.countersign import BAD_LEDGER, Countersigner
-from fedglm.server.robust import ROBUST_RULES, aggregate, check_trim_fraction
+from fedglm.protocol import RoundConfig, receipts_record
+from fedglm.server.combine import norm_bound, robust_combine, update_norm, weighted_mean
+from fedglm.server.global_model import GlobalModel
+from fedglm.server.ledger_check import LedgerCheck
+from fedglm.server.robust import ROBUST_RULES, check_trim_fraction
 
 Weighting = Literal["uniform", "records"]
 Aggregation = Literal["mean", "trimmed-mean", "median"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("mean", *ROBUST_RULES)
-REJECTED_PREFIX = "rejected/"
-ADAPTIVE_FACTOR = 4.0  # a site's update may be this many times the round's lower-median norm
 
 
-def update_norm(tensors: Iterable[Decoded]) -> float:
-    """The L2 norm of a decoded update, in float64 (finite for any finite fp32 values)."""
-    total = 0.0
-    for tensor in tensors:
-        values = tensor.values.astype(np.float64)
-        total += float(np.dot(values, values))
-    return math.sqrt(total)
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a round's training replies came to."""
+
+    clients: int  # updates used
+    declined: int  # sites that declined the round (budget spent)
+    rejections: dict[str, int]  # updates left out, by reason
+    clipped: int  # updates scaled down to the norm bound
+    norm_bound: float | None  # the round's bound on one site's update norm (None: unbounded)
+    train_loss: float | None  # mean of the losses sites declared public
+    epsilon: dict[str, float]  # each site's largest countersigned epsilon so far
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """What a round's evaluation replies came to (losses only where sites declared them public)."""
+
+    clients: int = 0
+    val_loss: float | None = None
+    val_bpb: float | None = None
 
 
 class FedglmAvg:
@@ -90,45 +87,33 @@ class FedglmAvg:
     def __init__(
         self,
         *,
-        broadcast: Broadcast,
+        model: GlobalModel,
+        ledgers: LedgerCheck,
+        settings: RoundConfig,
         compression: CompressionConfig,
-        run_key: str,
         min_clients: int,
         fraction_train: float = 1.0,
         weighting: Weighting = "uniform",
-        countersigner: Countersigner | None = None,
-        require_dp: bool = True,
-        model_args: GLMArgs | None = None,
-        pruning: PruningConfig | None = None,
-        mask: Mask | None = None,
-        lora_scale: float | None = None,
         max_update_norm: float = math.inf,
         aggregation: Aggregation = "mean",
         trim_fraction: float = 0.2,
     ) -> None:
-        if require_dp and countersigner is None:
-            raise ValueError("require_dp needs a countersigner")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
         check_trim_fraction(trim_fraction)
-        if (pruning is not None or mask is not None) and model_args is None:
-            raise ValueError("pruning needs the unpruned model's args")
-        self.broadcast = broadcast
+        if settings.run_key is None:
+            raise ValueError("the round settings need the run key")
+        self.model = model
+        self.ledgers = ledgers
+        self.settings = settings  # the run's part of every round's config
         self.compression = compression
-        self.run_key = run_key
         self.min_clients = min_clients
         self.fraction_train = fraction_train
         self.weighting = weighting
-        self.countersigner = countersigner
-        self.require_dp = require_dp
-        self.exhausted: set[int] = set()  # nodes that declined a round: their budget is spent
-        self.model_args = model_args
-        self.pruning = pruning or PruningConfig()
-        self.mask = mask or (Mask.full(model_args) if model_args is not None else None)
-        self.lora_scale = lora_scale  # set when sites train LoRA adapters: rank the merged model
         self.max_update_norm = max_update_norm
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
+        self.exhausted: set[int] = set()  # nodes that declined a round: their budget is spent
         if aggregation != "mean" and weighting != "uniform":
             log(
                 WARNING,
@@ -140,43 +125,12 @@ class FedglmAvg:
 
     def _allocate(self) -> None:
         self._sum = {
-            name: np.zeros(math.prod(s), dtype=np.float32) for name, s in self.broadcast.update_shapes.items()
+            name: np.zeros(math.prod(s), dtype=np.float32) for name, s in self.model.update_shapes.items()
         }
-
-    @property
-    def mask_json(self) -> str:
-        """The current pruning mask as sent to sites; "" while the model is unpruned."""
-        if self.mask is None or self.model_args is None or self.mask == Mask.full(self.model_args):
-            return ""
-        return self.mask.to_json()
-
-    def _prune(self, server_round: int) -> None:
-        step = self.pruning.step_at(server_round)
-        if step is None or self.mask is None or self.model_args is None:
-            return
-        args, held = self.model_args, self.mask
-        state = self.broadcast.state
-        ranked = state if self.lora_scale is None else merge_adapters(state, self.lora_scale)
-        target = choose_mask(ranked, args, held, heads=step.heads, channels=step.channels)
-        if target == held:
-            return
-        self.broadcast.reshape(lambda state: slice_state(state, args, held, target))
-        self.mask = target
-        self._allocate()
-        heads, channels = target.kept()
-        log(
-            INFO,
-            "round %d: pruned the global model to %d heads and %d channels",
-            server_round,
-            heads,
-            channels,
-        )
 
     def summary(self) -> None:
         up, down = self.compression.uplink, self.compression.downlink
-        rule: str = self.aggregation
-        if rule == "trimmed-mean":
-            rule += f"@{self.trim_fraction:g}"
+        rule = self.aggregation + (f"@{self.trim_fraction:g}" if self.aggregation == "trimmed-mean" else "")
         log(
             INFO,
             "FedglmAvg: min_clients=%d fraction_train=%.2f weighting=%s aggregation=%s uplink=%s@%g "
@@ -191,6 +145,14 @@ class FedglmAvg:
             down.density,
         )
 
+    def round_config(self, server_round: int) -> RoundConfig:
+        """The config every site asked in `server_round` gets (`protocol.py`)."""
+        up = self.compression.uplink
+        uplink = LinkConfig(codec=up.codec, density=up.density_for(server_round), selection=up.selection)
+        return dataclasses.replace(
+            self.settings, server_round=server_round, uplink=uplink, mask=self.model.mask_json
+        )
+
     def _nodes(self, grid: Grid, fraction: float, kind: str) -> list[int]:
         """Sample nodes once `min_clients` are connected; training leaves out exhausted nodes
         (none if fewer than `min_clients` would remain)."""
@@ -203,66 +165,53 @@ class FedglmAvg:
         size = min(len(available), max(int(len(available) * fraction), self.min_clients))
         return random.sample(available, size)
 
-    def _messages(
-        self, grid: Grid, server_round: int, config: ConfigRecord, fraction: float, kind: str
-    ) -> list[Message]:
+    def _messages(self, grid: Grid, server_round: int, fraction: float, kind: str) -> list[Message]:
         node_ids = self._nodes(grid, fraction, kind)
-        config["server-round"] = server_round
-        config["run-key"] = self.run_key
-        up = self.compression.uplink
-        config["uplink.codec"] = up.codec
-        config["uplink.density"] = up.density_for(server_round)
-        config["uplink.selection"] = up.selection
-        mask = self.mask_json
-        if mask:
-            config[MASK_KEY] = mask
+        config = self.round_config(server_round).to_record()
         # Nodes sent the same payload share one content object (it is serialized once).
         contents: dict[int, RecordDict] = {}
         messages = []
         for node in node_ids:
-            blob = self.broadcast.payload_for(node, server_round)
+            blob = self.model.payload_for(node, server_round)
             if id(blob) not in contents:
                 contents[id(blob)] = RecordDict({ARRAYS_KEY: payload_record(blob), CONFIG_KEY: config})
             content = contents[id(blob)]
-            receipts = self.countersigner.receipt_for(node) if self.countersigner else []
+            receipts = self.ledgers.receipts_for(node)
             if receipts:
-                content = RecordDict({**content, RECEIPT_KEY: ConfigRecord({"lines": receipts})})
+                content = RecordDict({**content, RECEIPT_KEY: receipts_record(receipts)})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node))
         return messages
 
-    def configure_train(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
-        self._prune(server_round)
-        return self._messages(grid, server_round, config, self.fraction_train, MessageType.TRAIN)
+    def train_messages(self, server_round: int, grid: Grid) -> list[Message]:
+        """Prune if the schedule says so, then one TRAIN message per sampled site ([] when too
+        few sites have budget left)."""
+        if self.model.prune(server_round):
+            self._allocate()
+        return self._messages(grid, server_round, self.fraction_train, MessageType.TRAIN)
 
-    def configure_evaluate(self, server_round: int, config: ConfigRecord, grid: Grid) -> list[Message]:
-        return self._messages(grid, server_round, config, 1.0, MessageType.EVALUATE)
+    def evaluate_messages(self, server_round: int, grid: Grid) -> list[Message]:
+        return self._messages(grid, server_round, 1.0, MessageType.EVALUATE)
 
     def full_model(self, message: Message) -> Message:
         """The same message with the full model, for a node that answered `stale-model`."""
         node = message.metadata.dst_node_id
-        self.broadcast.forget(node)
-        config = ConfigRecord(dict(message.content.config_records[CONFIG_KEY]))
-        server_round = int(config["server-round"])
+        config = message.content.config_records[CONFIG_KEY]
+        server_round = RoundConfig.from_record(config).server_round or 0
         content = RecordDict(
-            {ARRAYS_KEY: payload_record(self.broadcast.full(server_round)), CONFIG_KEY: config}
+            {ARRAYS_KEY: payload_record(self.model.full(node, server_round)), CONFIG_KEY: config}
         )
         return Message(content=content, message_type=message.metadata.message_type, dst_node_id=node)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = []
-        declined = 0
+    def train_outcome(self, server_round: int, replies: Iterable[Message]) -> TrainOutcome:
+        """Check every reply, combine the updates that pass, and move the global model."""
+        good, declined = [], 0
         for reply in _successful(replies, server_round):
             ledger = reply.content.config_records.get(LEDGER_KEY)
             if ledger is not None and "declined" in ledger:
                 self.exhausted.add(reply.metadata.src_node_id)
                 declined += 1
-                log(
-                    INFO,
-                    "round %d: node %d %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    site_text(ledger["declined"]),
-                )
+                node = reply.metadata.src_node_id
+                log(INFO, "round %d: node %d %s", server_round, node, site_text(ledger["declined"]))
             else:
                 good.append(reply)
         weights = self._weights([_metrics(r) for r in good], server_round)
@@ -270,12 +219,7 @@ class FedglmAvg:
         checked: list[tuple[Message, float, bytes, float]] = []  # reply, weight, payload, norm
         for reply, weight in zip(good, weights, strict=True):
             try:
-                blob = read_payload(reply.content)
-                if blob is None:
-                    raise PayloadError("the reply carries dense tensors, not a fedglm payload", "bad-record")
-                header, tensors = decode(blob, self.broadcast.update_shapes)
-                check_header(header, kind=Kind.UPDATE, round=server_round, base=self.broadcast.hash)
-                self._countersign(reply, blob, server_round)
+                blob, norm = self._check(reply, server_round)
             except PayloadError as exc:
                 rejected[exc.reason] += 1
                 log(
@@ -287,105 +231,54 @@ class FedglmAvg:
                     site_text(str(exc)),  # it may quote what the site sent
                 )
                 continue
-            checked.append((reply, weight, blob, update_norm(tensors.values())))
-        bound = self._norm_bound([norm for *_, norm in checked])
-        # An update over the bound is scaled down to it (see the module docstring).
+            checked.append((reply, weight, blob, norm))
+        bound = norm_bound([norm for *_, norm in checked], self.max_update_norm)
+        self._combine(checked, bound)
+        self.model.finish_train(
+            self._sum if checked else None,
+            server_round,
+            [reply.metadata.src_node_id for reply, *_ in checked],
+            self.compression.downlink,
+        )
+        losses = _mean_metrics([_metrics(reply) for reply, *_ in checked], ("train_loss",))
+        return TrainOutcome(
+            clients=len(checked),
+            declined=declined,
+            rejections=dict(rejected),
+            clipped=sum(1 for *_, norm in checked if norm > bound),
+            norm_bound=bound if math.isfinite(bound) else None,
+            train_loss=losses.get("train_loss"),
+            epsilon=self.ledgers.epsilon(),
+        )
+
+    def _check(self, reply: Message, server_round: int) -> tuple[bytes, float]:
+        """The reply's payload, checked in full with its ledger entry, and its update's norm;
+        `PayloadError` if it may not count."""
+        blob = read_payload(reply.content)
+        if blob is None:
+            raise PayloadError("the reply carries dense tensors, not a fedglm payload", "bad-record")
+        header, tensors = decode(blob, self.model.update_shapes)
+        check_header(header, kind=Kind.UPDATE, round=server_round, base=self.model.hash)
+        self.ledgers.check(reply, blob, server_round, self.model.hash)
+        return blob, update_norm(tensors.values())
+
+    def _combine(self, checked: list[tuple[Message, float, bytes, float]], bound: float) -> None:
+        # An update over the bound is scaled down to it (`combine.py`).
         scales = [bound / norm if norm > bound else 1.0 for *_, norm in checked]
         blobs = [blob for _, _, blob, _ in checked]
+        shapes = self.model.update_shapes
         if self.aggregation == "mean":
-            self._weighted_mean(blobs, [weight for _, weight, _, _ in checked], scales)
+            weighted_mean(self._sum, blobs, [weight for _, weight, _, _ in checked], scales, shapes)
         else:
-            self._robust(blobs, scales)
-        accepted: list[MetricRecord] = []
-        for reply, *_ in checked:
-            accepted.append(_metrics(reply))
-            self.broadcast.holds(reply.metadata.src_node_id)
-        metrics = _mean_metrics(accepted, ("train_loss",))
-        metrics["clients"] = len(accepted)
-        metrics["declined"] = declined
-        metrics["clipped"] = sum(1 for *_, norm in checked if norm > bound)
-        if math.isfinite(bound):
-            metrics["update-norm-bound"] = bound
-        for reason, count in rejected.items():
-            metrics[REJECTED_PREFIX + reason] = count
-        if not accepted:
-            return metrics
-        down = self.compression.downlink
-        self.broadcast.advance(
-            self._sum, server_round, codec=CODECS[down.codec], density=down.density, selection=down.selection
-        )
-        return metrics
+            robust_combine(self._sum, blobs, scales, shapes, self.aggregation, self.trim_fraction)
 
-    def _weighted_mean(self, blobs: list[bytes], weights: list[float], scales: list[float]) -> None:
-        """`self._sum` = the weighted mean of the clipped updates (zero without any update)."""
-        for total in self._sum.values():
-            total.fill(0.0)
-        weight_sum = 0.0
-        for blob, weight, scale in zip(blobs, weights, scales, strict=True):
-            # Decoded again rather than kept: memory stays linear in the model, not in the sites.
-            _, tensors = decode(blob, self.broadcast.update_shapes)
-            for name, change in tensors.items():
-                change.add_to(self._sum[name], weight * scale)
-            weight_sum += weight
-        if blobs:
-            for total in self._sum.values():
-                total *= np.float32(1.0 / weight_sum)
-
-    def _robust(self, blobs: list[bytes], scales: list[float]) -> None:
-        """`self._sum` = the robust rule applied to the clipped updates, tensor by tensor.
-
-        Each payload's table is parsed once (its bodies stay views into the payload); each
-        tensor is then decoded from every payload into one (sites, size) stack, so at most one
-        tensor's values from every site are held at a time. A tensor a sparse payload left out
-        is zero for that site. The payloads were fully checked by `decode` already."""
-        if not blobs:
-            for total in self._sum.values():
-                total.fill(0.0)
-            return
-        shapes = self.broadcast.update_shapes
-        limit = payload_limit(shapes)
-        tables = []
-        for blob in blobs:
-            payload = unpack(blob, shapes, limit)
-            tables.append((CODEC_IDS[payload.header.codec_id], {t.name: t.body for t in payload.tensors}))
-        rule = self.aggregation
-        assert rule != "mean"
-        for name, total in self._sum.items():
-            stacked = np.zeros((len(blobs), total.size), dtype=np.float32)
-            for row, ((codec, bodies), scale) in enumerate(zip(tables, scales, strict=True)):
-                body = bodies.get(name)
-                if body is not None:
-                    codec.decode(body, total.size).add_to(stacked[row], scale)
-            total[:] = aggregate(stacked, rule, self.trim_fraction)
-            del stacked  # freed before the next tensor's stack is allocated
-
-    def _norm_bound(self, norms: list[float]) -> float:
-        """The largest L2 norm one site's update may have this round (see the module docstring)."""
-        positive = sorted(n for n in norms if n > 0)
-        adaptive = ADAPTIVE_FACTOR * positive[(len(positive) - 1) // 2] if len(positive) >= 3 else math.inf
-        return min(self.max_update_norm, adaptive)
-
-    def _countersign(self, reply: Message, blob: bytes, server_round: int) -> None:
-        ledger = reply.content.config_records.get(LEDGER_KEY)
-        if ledger is None:
-            if self.require_dp:
-                raise PayloadError("the update comes without a ledger entry (DP is required)", "no-ledger")
-            return
-        if self.countersigner is None:
-            raise PayloadError("this coordinator has no receipt key to countersign ledgers", BAD_LEDGER)
-        self.countersigner.countersign(
-            reply.metadata.src_node_id, dict(ledger), blob, server_round, self.broadcast.hash
-        )
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def evaluate_outcome(self, server_round: int, replies: Iterable[Message]) -> EvalOutcome:
         good = _successful(replies, server_round)
-        for reply in good:
-            self.broadcast.holds(reply.metadata.src_node_id)
+        self.model.finish_evaluate(reply.metadata.src_node_id for reply in good)
         if not good:
-            return None
-        metrics = _mean_metrics([_metrics(r) for r in good], ("val_loss", "val_bpb"))
-        metrics["clients"] = len(good)
-        return metrics
+            return EvalOutcome()
+        losses = _mean_metrics([_metrics(r) for r in good], ("val_loss", "val_bpb"))
+        return EvalOutcome(clients=len(good), val_loss=losses.get("val_loss"), val_bpb=losses.get("val_bpb"))
 
     def _weights(self, metrics: list[MetricRecord], server_round: int) -> list[float]:
         if self.weighting == "uniform":
@@ -424,9 +317,9 @@ def _successful(replies: Iterable[Message], server_round: int) -> list[Message]:
     return good
 
 
-def _mean_metrics(records: list[MetricRecord], keys: tuple[str, ...]) -> MetricRecord:
+def _mean_metrics(records: list[MetricRecord], keys: tuple[str, ...]) -> dict[str, float]:
     """Uniform mean of each key over the records that report a finite number for it."""
-    out = MetricRecord()
+    out: dict[str, float] = {}
     for key in keys:
         values = [v for v in (site_number(r, key) for r in records) if v is not None]
         if values:

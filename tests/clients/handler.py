@@ -13,10 +13,19 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common import MessageType
 
-from fedglm.clients.app import SITE_KEY
-from fedglm.config import DataConfig, ModelConfig, PrivacyConfig, ShareConfig, SiteSpec, TrainConfig
-from fedglm.payload import ARRAYS_KEY, CONFIG_KEY, payload_record, round_config
+from fedglm.clients.site import SITE_KEY
+from fedglm.config import (
+    DataConfig,
+    LinkConfig,
+    ModelConfig,
+    PrivacyConfig,
+    ShareConfig,
+    SiteSpec,
+    TrainConfig,
+)
+from fedglm.payload import ARRAYS_KEY, CONFIG_KEY, payload_record
 from fedglm.privacy.keys import make_keys
+from fedglm.protocol import RoundConfig
 from fedglm.server.broadcast import Broadcast
 
 
@@ -60,18 +69,16 @@ def train_message(
 ) -> tuple[Message, Broadcast]:
     """The coordinator's TRAIN message sending the model `state` (in full, round 1)."""
     broadcast = Broadcast(dict(state), trainable=trainable)
-    config = ConfigRecord(
-        {
-            **round_config(model.model_dump(), train.model_dump(), 0),
-            "server-round": server_round,
-            "run-key": "run",
-            "rounds": 1,
-            "uplink.codec": uplink[0],
-            "uplink.density": uplink[1],
-            "uplink.selection": "global",
-            **(extra or {}),
-        }
+    settings = RoundConfig(
+        model=model,
+        train=train,
+        seed=0,
+        server_round=server_round,
+        rounds=1,
+        run_key="run",
+        uplink=LinkConfig(codec=uplink[0], density=uplink[1], selection="global"),
     )
+    config = ConfigRecord({**settings.to_record(), **(extra or {})})
     content = RecordDict(
         {ARRAYS_KEY: payload_record(broadcast.payload_for(1, server_round)), CONFIG_KEY: config}
     )

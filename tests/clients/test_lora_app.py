@@ -14,11 +14,8 @@ from fedglm.config import ModelConfig, PrivacyConfig, TrainConfig
 from fedglm.errors import InputError
 from fedglm.lora import add_adapters, is_adapter
 from fedglm.model import build_model
-from fedglm.payload import (
-    BASE_HASH_KEY,
-    LEDGER_KEY,
-    read_payload,
-)
+from fedglm.payload import LEDGER_KEY, read_payload
+from fedglm.protocol import BASE_HASH_KEY
 from fedglm.server.broadcast import Broadcast
 from tests.clients.handler import site_context, train_message
 

@@ -18,7 +18,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from typer.testing import CliRunner
 
 from fedglm.cli.main import app
-from fedglm.clients.app import load_site_data, read_site, train
+from fedglm.clients.app import train
+from fedglm.clients.site import load_site_data, read_site
 from fedglm.compression import CODECS, NO_HASH, Header, Kind, PayloadError, decode, encode
 from fedglm.config import ModelConfig, PrivacyConfig, TrainConfig
 from fedglm.data import encode as encode_text

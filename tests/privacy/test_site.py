@@ -9,7 +9,8 @@ import pytest
 from fedglm.config import PrivacyConfig
 from fedglm.errors import InputError
 from fedglm.privacy.accounting import Release, epsilon
-from fedglm.privacy.site import Decline, RoundPlan, history, plan_round, round_steps, sample_rate
+from fedglm.privacy.site import Decline, RoundPlan, history, plan_round, sample_rate
+from fedglm.training import private_steps_for
 from tests.privacy.helpers import new_site, release
 
 SIGMA, Q, STEPS = 1.0, 0.05, 20
@@ -77,5 +78,5 @@ def test_delta_must_be_below_one_over_the_records(tmp_path: Path) -> None:
 def test_sampling_rate_and_steps_are_public() -> None:
     assert sample_rate(PrivacyConfig(sample_rate=0.02), batch_size=16, n_train=100) == 0.02
     assert sample_rate(PrivacyConfig(sample_rate=None), batch_size=16, n_train=100) == 0.16
-    assert round_steps(None, 2.0, 0.1) == 20  # expected passes over the records, from q alone
-    assert round_steps(7, None, 0.1) == 7
+    assert private_steps_for(None, 2.0, 0.1) == 20  # expected passes over the records, from q alone
+    assert private_steps_for(7, None, 0.1) == 7

@@ -15,7 +15,6 @@ from fedglm.compression import PayloadError
 from fedglm.payload import LEDGER_KEY
 from fedglm.privacy.keys import key_id, public_pem
 from fedglm.server.countersign import WRONG_SITE, Countersigner
-from fedglm.server.strategy import REJECTED_PREFIX
 from tests.server.test_countersign import BASE, BLOB, entry, ledger_record
 from tests.server.test_strategy import FakeReply, make_strategy, replies, update
 
@@ -41,9 +40,9 @@ def test_a_malformed_ledger_record_is_rejected_and_the_round_goes_on(
     honest = FakeReply(update(strategy, 1.0), {}, node=1)
     hostile = FakeReply(update(strategy, 1.0), {}, node=2)
     hostile.content[LEDGER_KEY] = ConfigRecord(record)
-    metrics = strategy.aggregate_train(1, replies(honest, hostile))
-    assert metrics is not None and metrics["clients"] == 1
-    assert metrics[REJECTED_PREFIX + "bad-ledger"] == 1
+    metrics = strategy.train_outcome(1, replies(honest, hostile))
+    assert metrics is not None and metrics.clients == 1
+    assert metrics.rejections["bad-ledger"] == 1
     assert not list(tmp_path.glob("*.jsonl"))  # nothing countersigned
 
 
@@ -54,23 +53,23 @@ def test_huge_updates_are_clipped_and_the_model_stays_finite_and_bounded(value: 
     strategy = make_strategy(max_update_norm=1000.0)
     honest = [FakeReply(update(strategy, 0.01), {}, node=n) for n in (1, 2, 3)]
     hostile = [FakeReply(update(strategy, value), {}, node=n) for n in (4, 5)]
-    metrics = strategy.aggregate_train(1, replies(*honest, *hostile))
-    assert metrics is not None and metrics["clients"] == 5 and metrics["clipped"] == 2
-    bound = metrics["update-norm-bound"]
+    metrics = strategy.train_outcome(1, replies(*honest, *hostile))
+    assert metrics is not None and metrics.clients == 5 and metrics.clipped == 2
+    bound = metrics.norm_bound
     honest_norm = 0.01 * 6**0.5  # six values of 0.01
     assert bound == pytest.approx(4 * honest_norm, rel=1e-5)
-    state = torch.cat([t.reshape(-1) for t in strategy.broadcast.state.values()])
+    state = torch.cat([t.reshape(-1) for t in strategy.model.broadcast.state.values()])
     assert bool(torch.isfinite(state).all())
     # the average moved no further than five sites at the bound would move it
     assert float(state.norm()) <= bound * (1 + 1e-5)
-    strategy.aggregate_train(2, replies(FakeReply(update(strategy, 0.01), {}, node=1)))  # the run goes on
+    strategy.train_outcome(2, replies(FakeReply(update(strategy, 0.01), {}, node=1)))  # the run goes on
 
 
 def test_the_coordinators_bound_applies_with_few_sites() -> None:
     strategy = make_strategy(max_update_norm=1.0)
-    metrics = strategy.aggregate_train(1, replies(FakeReply(update(strategy, 3e38), {}, node=1)))
-    assert metrics is not None and metrics["clipped"] == 1 and metrics["update-norm-bound"] == 1.0
-    state = torch.cat([t.reshape(-1) for t in strategy.broadcast.state.values()])
+    metrics = strategy.train_outcome(1, replies(FakeReply(update(strategy, 3e38), {}, node=1)))
+    assert metrics is not None and metrics.clipped == 1 and metrics.norm_bound == 1.0
+    state = torch.cat([t.reshape(-1) for t in strategy.model.broadcast.state.values()])
     assert bool(torch.isfinite(state).all()) and float(state.norm()) <= 1.0 + 1e-5
 
 
@@ -106,16 +105,16 @@ def test_hostile_metrics_and_error_text_leave_the_round_going(caplog: pytest.Log
         update(strategy, 0.01), {"train_loss": 2.0, "weight": 10.0, "records-public": 1}, node=1
     )
     others = [FakeReply(update(strategy, 0.01), m, node=n) for n, m in enumerate(hostile_metrics, start=2)]
-    metrics = strategy.aggregate_train(1, replies(honest, *others))
-    assert metrics is not None and metrics["clients"] == 4
-    assert metrics["train_loss"] == pytest.approx((2.0 + 1e30) / 2)  # finite numbers count, as sent
-    evaluated = strategy.aggregate_evaluate(
+    metrics = strategy.train_outcome(1, replies(honest, *others))
+    assert metrics is not None and metrics.clients == 4
+    assert metrics.train_loss == pytest.approx((2.0 + 1e30) / 2)  # finite numbers count, as sent
+    evaluated = strategy.evaluate_outcome(
         1, replies(*(FakeReply(None, {"val_loss": [1.0]}, node=n) for n in (1, 2)))
     )
-    assert evaluated is not None and "val_loss" not in evaluated
+    assert evaluated is not None and evaluated.val_loss is None
 
     failed = FakeReply(None, {}, node=7, error="\x1b[31m" + "A" * 1_000_000)
     with caplog.at_level("WARNING"):
-        strategy.aggregate_evaluate(1, replies(failed))
+        strategy.evaluate_outcome(1, replies(failed))
     [line] = [r.getMessage() for r in caplog.records if "replied with an error" in r.getMessage()]
     assert len(line) < 300 and "\x1b" not in line

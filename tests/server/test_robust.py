@@ -108,13 +108,13 @@ def payload_of(
     selection: Selection = "per-tensor",
 ) -> bytes:
     """A round-1 update payload of these flat values (copied: encoding leaves the residual)."""
-    header = Header(Kind.UPDATE, CODECS[codec].codec_id, 1, strategy.broadcast.hash, NO_HASH)
+    header = Header(Kind.UPDATE, CODECS[codec].codec_id, 1, strategy.model.broadcast.hash, NO_HASH)
     arrays = {name: array.astype(np.float32) for name, array in values.items()}
     return compression.encode(arrays, SHAPES, CODECS[codec], header, density=density, selection=selection)
 
 
 def flat_state(strategy: FedglmAvg) -> np.ndarray:
-    return torch.cat([t.reshape(-1) for t in strategy.broadcast.state.values()]).numpy()
+    return torch.cat([t.reshape(-1) for t in strategy.model.broadcast.state.values()]).numpy()
 
 
 @pytest.mark.parametrize("hostile", [0.5, 1e30])
@@ -125,10 +125,10 @@ def test_a_hostile_site_moves_the_mean_but_not_the_robust_rules(hostile: float) 
     for rule in ("mean", "median", "trimmed-mean"):
         strategy = make_strategy(aggregation=rule)
         honest = [FakeReply(update(strategy, v), {}, node=n) for n, v in enumerate(HONEST, start=1)]
-        metrics = strategy.aggregate_train(
+        metrics = strategy.train_outcome(
             1, replies(*honest, FakeReply(update(strategy, hostile), {}, node=9))
         )
-        assert metrics is not None and metrics["clients"] == 5 and metrics["clipped"] == 1
+        assert metrics is not None and metrics.clients == 5 and metrics.clipped == 1
         models[rule] = flat_state(strategy)
     low, high = min(HONEST), max(HONEST)
     assert (models["mean"] > high * 1.2).all()
@@ -157,9 +157,9 @@ def test_the_mean_is_the_weighted_mean_of_the_clipped_updates_bit_for_bit() -> N
         for n, (values, w) in enumerate(zip(sites, weights, strict=True), start=1)
     ]
     decoded = [compression.decode(read_payload(r.content) or b"", SHAPES)[1] for r in reply_list]
-    metrics = strategy.aggregate_train(1, replies(*reply_list))
-    assert metrics is not None and metrics["clipped"] == 1
-    bound = float(metrics["update-norm-bound"])
+    metrics = strategy.train_outcome(1, replies(*reply_list))
+    assert metrics is not None and metrics.clipped == 1
+    bound = float(metrics.norm_bound or 0.0)
     expected = {name: np.zeros(math.prod(s), dtype=np.float32) for name, s in SHAPES.items()}
     for tensors, weight in zip(decoded, weights, strict=True):
         norm = math.sqrt(sum(float(np.dot(t.values.astype(np.float64), t.values)) for t in tensors.values()))
@@ -168,13 +168,13 @@ def test_the_mean_is_the_weighted_mean_of_the_clipped_updates_bit_for_bit() -> N
             expected[name] += np.float32(weight * scale) * change.values
     for name, total in expected.items():
         total *= np.float32(1.0 / sum(weights))
-        assert np.array_equal(strategy.broadcast.state[name].reshape(-1).numpy(), total), name
+        assert np.array_equal(strategy.model.broadcast.state[name].reshape(-1).numpy(), total), name
 
 
 def test_robust_rules_ignore_weights() -> None:
     strategy = make_strategy("records", aggregation="median")
     sites = [(1.0, 100.0), (2.0, 1.0), (5.0, 1.0)]
-    strategy.aggregate_train(
+    strategy.train_outcome(
         1,
         replies(
             *(
@@ -198,21 +198,21 @@ def test_a_tensor_a_sparse_payload_left_out_counts_as_zero_for_that_site() -> No
     )
     assert "b" not in compression.decode(sparse, SHAPES)[1]
     dense = [payload_of(strategy, {"w": np.full(4, v), "b": np.full(2, v)}) for v in (1.0, 2.0)]
-    metrics = strategy.aggregate_train(
+    metrics = strategy.train_outcome(
         1, replies(*(FakeReply(payload_record(blob), {}, node=n) for n, blob in enumerate([sparse, *dense])))
     )
-    assert metrics is not None and metrics["clients"] == 3
-    state = strategy.broadcast.state
+    assert metrics is not None and metrics.clients == 3
+    state = strategy.model.broadcast.state
     np.testing.assert_array_equal(state["b"].numpy(), 1.0)  # the median of 0, 1 and 2
     assert float(state["w"].reshape(-1)[0]) <= 10.0  # the median of three values, one clipped
 
 
 def test_no_valid_update_leaves_the_model_alone_with_a_robust_rule() -> None:
     strategy = make_strategy(aggregation="trimmed-mean")
-    before = strategy.broadcast.hash
-    metrics = strategy.aggregate_train(1, replies(FakeReply(None, {})))
-    assert metrics is not None and metrics["clients"] == 0
-    assert strategy.broadcast.hash == before
+    before = strategy.model.broadcast.hash
+    metrics = strategy.train_outcome(1, replies(FakeReply(None, {})))
+    assert metrics is not None and metrics.clients == 0
+    assert strategy.model.broadcast.hash == before
 
 
 def test_bad_aggregation_settings_are_refused_by_value() -> None:
