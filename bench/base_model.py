@@ -46,7 +46,8 @@ from fedglm.config import (  # noqa: E402
     SiteSpec,
     load_config,
 )
-from fedglm.pretrain import BASE_FILE, load_base, pretrain  # noqa: E402
+from fedglm.layout import BASE_FILE  # noqa: E402
+from fedglm.pretrain import load_base, pretrain  # noqa: E402
 from fedglm.release import held_out  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
 from fedglm.simulate import ensure_signing_keys, local_stack  # noqa: E402

@@ -43,8 +43,8 @@ from fedglm.config import (  # noqa: E402
     load_config,
 )
 from fedglm.data import encode, load_records, split_records  # noqa: E402
+from fedglm.layout import SPEC_KEY  # noqa: E402
 from fedglm.partition import partition_csv  # noqa: E402
-from fedglm.server.app import SPEC_KEY  # noqa: E402
 from fedglm.server.coordinator import write_spec  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
 from fedglm.simulate import local_stack  # noqa: E402

@@ -30,8 +30,8 @@ from fedglm.app_bundle import fab_bytes  # noqa: E402
 from fedglm.config import ModelConfig, SimulateConfig, load_config  # noqa: E402
 from fedglm.corpus import generate_site_records  # noqa: E402
 from fedglm.data import encode, sample_batches  # noqa: E402
+from fedglm.layout import SPEC_KEY  # noqa: E402
 from fedglm.model import build_model  # noqa: E402
-from fedglm.server.app import SPEC_KEY  # noqa: E402
 from fedglm.server.coordinator import write_spec  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
 from fedglm.simulate import local_stack, simulated_sites  # noqa: E402

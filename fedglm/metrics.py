@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fedglm.atomic import append_json_line, atomic_write_text
+from fedglm.layout import METRICS_NAME
 
-METRICS_NAME = "metrics.jsonl"
 REQUIRED_KEYS = (
     "round",
     "train_loss",

@@ -28,21 +28,21 @@ from fedglm import metrics
 from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec, TrainConfig
 from fedglm.errors import InputError
+from fedglm.layout import (
+    CARD_JSON,
+    CARD_MD,
+    LEDGER_COPIES,
+    RELEASE_DIR,
+    SPEC_NAME,
+)
+from fedglm.layout import MANIFEST_FILE as BASE_MANIFEST
 from fedglm.model import GLM, describe
-from fedglm.pretrain import MANIFEST_FILE as BASE_MANIFEST
 from fedglm.privacy.audit import dp_accounting_epsilon
 from fedglm.privacy.ledger import parse_ledger
 from fedglm.privacy.site import history
 from fedglm.pruning import Mask
-from fedglm.server.app import SPEC_NAME
+from fedglm.reports import DistillReport, ExportReport, read_report
 from fedglm.server.checkpoint import load_checkpoint
-from fedglm.server.countersign import LEDGER_COPIES
-
-RELEASE_DIR = "release"
-DISTILL_REPORT = "distill.json"
-EXPORT_REPORT = "export.json"
-CARD_MD = "MODEL_CARD.md"
-CARD_JSON = "model_card.json"
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -115,8 +115,8 @@ def build_card(run_dir: Path) -> dict[str, Any]:
     mask = Mask.from_json(checkpoint.mask, args) if checkpoint and checkpoint.mask else Mask.full(args)
     rows = metrics.read_rows(run_dir)
     last = rows[-1] if rows else {}
-    distilled = _json(run_dir / RELEASE_DIR / DISTILL_REPORT)
-    exported = _json(run_dir / RELEASE_DIR / EXPORT_REPORT)
+    distilled = read_report(run_dir / RELEASE_DIR, DistillReport)
+    exported = read_report(run_dir / RELEASE_DIR, ExportReport)
     return {
         "model": "fedglm byte-level GLM-style decoder (RMSNorm, rotary attention, SwiGLU)",
         "federation": {
@@ -131,21 +131,21 @@ def build_card(run_dir: Path) -> dict[str, Any]:
         "architecture": {
             "configured": describe(GLM(args)),
             "pruned": describe(GLM(mask.shape(args))),
-            "student": {k: distilled["student"][k] for k in ("parameters", "layers", "heads", "ffn_channels")}
+            "student": distilled.student.model_dump(include={"parameters", "layers", "heads", "ffn_channels"})
             if distilled
             else None,
         },
         "validation": {
             "federated_last_round": {"val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb")},
             "public_held_out": {
-                "text": distilled["public_text"],
-                "teacher": {k: distilled["teacher"][k] for k in ("loss", "bits_per_byte")},
-                "student": {k: distilled["student"][k] for k in ("loss", "bits_per_byte")},
+                "text": distilled.public_text,
+                "teacher": distilled.teacher.model_dump(include={"loss", "bits_per_byte"}),
+                "student": distilled.student.model_dump(include={"loss", "bits_per_byte"}),
             }
             if distilled
             else None,
         },
-        "export": exported,
+        "export": exported.model_dump(exclude_none=True) if exported else None,
         "traffic": {
             "upload_bytes": sum(int(r.get("upload_bytes", 0)) for r in rows),
             "download_bytes": sum(int(r.get("download_bytes", 0)) for r in rows),

@@ -39,6 +39,7 @@ from fedglm.config import DataConfig, FederationConfig, ModelConfig, PretrainCon
 from fedglm.corpus import generate_public_records
 from fedglm.data import encode, infer_format, load_records, sample_batches, split_records
 from fedglm.errors import InputError
+from fedglm.layout import BASE_FILE, MANIFEST_FILE, PRETRAIN_STATE_FILE
 from fedglm.model import GLM, build_model, count_parameters, load_model, save_model
 from fedglm.training import (
     EvalStats,
@@ -50,9 +51,6 @@ from fedglm.training import (
     warmup_cosine,
 )
 
-STATE_FILE = "pretrain-state.pt"
-BASE_FILE = "base.pt"
-MANIFEST_FILE = "base.json"
 MANIFEST_FORMAT = "fedglm-base/1"
 STATE_FORMAT = "fedglm-pretrain/1"
 EVAL_RECORDS = 256  # held-out records measured at each checkpoint (the first, in split order)
@@ -227,11 +225,11 @@ def _save_state(
         "generator": generator.get_state(),
         "history": history,
     }
-    atomic_write(out_dir / STATE_FILE, lambda handle: torch.save(payload, handle))
+    atomic_write(out_dir / PRETRAIN_STATE_FILE, lambda handle: torch.save(payload, handle))
 
 
 def _load_state(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    path = out_dir / STATE_FILE
+    path = out_dir / PRETRAIN_STATE_FILE
     if not path.exists():
         return None
     try:

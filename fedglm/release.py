@@ -15,30 +15,31 @@ Files in `<run>/release/`:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedglm.atomic import atomic_write_text
 from fedglm.config import ReleaseConfig
 from fedglm.corpus import generate_public_records
 from fedglm.data import SiteData, encode, load_records, split_records
 from fedglm.distill import distill, make_student
 from fedglm.errors import CheckFailed, InputError
 from fedglm.export.onnx import OnnxLM, check_parity, convert_fp16, export_onnx, quantize_int8
+from fedglm.layout import (
+    ENGINE_FILE,
+    ONNX_FILES,
+    RELEASE_DIR,
+    STUDENT_FILE,
+    TEACHER_FILE,
+)
 from fedglm.lora import merge_adapters
 from fedglm.model import GLM, count_parameters, describe, load_model, save_model
-from fedglm.modelcard import DISTILL_REPORT, EXPORT_REPORT, RELEASE_DIR, read_run_spec, write_card
+from fedglm.modelcard import read_run_spec, write_card
 from fedglm.pruning import Mask
+from fedglm.reports import DistillReport, ExportedFile, ExportReport, Parity, ScoredModel, write_report
 from fedglm.server.checkpoint import load_checkpoint
 from fedglm.training import EvalStats, evaluate
-
-TEACHER_FILE = "teacher.pt"
-STUDENT_FILE = "student.pt"
-ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
-ENGINE_FILE = "model.plan"
 
 
 def final_model(run_dir: Path) -> GLM:
@@ -80,15 +81,11 @@ def held_out(model: torch.nn.Module, records: list[list[int]], seq_len: int) -> 
     )
 
 
-def _scores(stats: EvalStats) -> dict[str, float]:
+def _scores(stats: EvalStats) -> dict[str, Any]:
     return {"loss": stats.loss, "bits_per_byte": stats.bits_per_byte, "tokens": stats.tokens}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def run_distill(run_dir: Path, cfg: ReleaseConfig) -> dict[str, Any]:
+def run_distill(run_dir: Path, cfg: ReleaseConfig) -> DistillReport:
     """Distill the run's final model into a student; write both and `distill.json`."""
     if cfg.distill is None:
         raise InputError("the release config has distill: null; set a distill section to distill")
@@ -118,16 +115,16 @@ def run_distill(run_dir: Path, cfg: ReleaseConfig) -> dict[str, Any]:
     )
     save_model(folder / TEACHER_FILE, teacher)
     save_model(folder / STUDENT_FILE, student)
-    report = {
-        "public_text": _text_source(cfg),
-        "held_out_records": len(text.val),
-        "teacher": {**describe(teacher), **_scores(held_out(teacher, held, seq_len))},
-        "student": {**describe(student), **_scores(held_out(student, held, seq_len))},
-        "settings": d.model_dump(),
-        "final_loss": stats.loss,
-        "seconds": round(stats.seconds, 2),
-    }
-    _write_json(folder / DISTILL_REPORT, report)
+    report = DistillReport(
+        public_text=_text_source(cfg),
+        held_out_records=len(text.val),
+        teacher=ScoredModel(**describe(teacher), **_scores(held_out(teacher, held, seq_len))),
+        student=ScoredModel(**describe(student), **_scores(held_out(student, held, seq_len))),
+        settings=d.model_dump(),
+        final_loss=stats.loss,
+        seconds=round(stats.seconds, 2),
+    )
+    write_report(folder, report)
     write_card(run_dir)
     return report
 
@@ -147,7 +144,7 @@ def served_model(run_dir: Path) -> tuple[str, GLM]:
     return "pruned global model", final_model(run_dir)
 
 
-def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> dict[str, Any]:
+def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> ExportReport:
     """Export the served model; parity of the fp32 ONNX model must hold (else `CheckFailed`)."""
     from fedglm.export.tensorrt import build_engine, load_tensorrt
 
@@ -168,45 +165,43 @@ def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> dict[st
     if e.fp16:
         convert_fp16(fp32, folder / ONNX_FILES["fp16"])
         variants["fp16"] = folder / ONNX_FILES["fp16"]
-    files: dict[str, Any] = {}
+    files: dict[str, ExportedFile] = {}
     for name, path in variants.items():
         session = OnnxLM(path)
         parity = check_parity(model, session, name, records, seq_len=seq_len, batches=e.parity_batches)
-        files[name] = {
-            "file": path.name,
-            "bytes": path.stat().st_size,
-            "max_abs_logit_diff": parity.max_abs_diff,
-            "next_token_agreement": parity.agreement,
-            "parity_tokens": parity.tokens,
-            "held_out_bits_per_byte": held_out(session, records, seq_len).bits_per_byte,
-        }
+        files[name] = ExportedFile(
+            file=path.name,
+            bytes=path.stat().st_size,
+            max_abs_logit_diff=parity.max_abs_diff,
+            next_token_agreement=parity.agreement,
+            parity_tokens=parity.tokens,
+            held_out_bits_per_byte=held_out(session, records, seq_len).bits_per_byte,
+        )
     reference = files["fp32"]
+    assert reference.max_abs_logit_diff is not None and reference.next_token_agreement is not None
     passed = (
-        reference["max_abs_logit_diff"] <= e.parity_atol
-        and reference["next_token_agreement"] >= e.parity_agreement
+        reference.max_abs_logit_diff <= e.parity_atol and reference.next_token_agreement >= e.parity_agreement
     )
     if "tensorrt" in formats:
         source = variants.get("fp16", fp32)
         build_engine(source, folder / ENGINE_FILE, max_batch=e.max_batch, max_seq_len=seq_len)
-        files["tensorrt"] = {
-            "file": ENGINE_FILE,
-            "bytes": (folder / ENGINE_FILE).stat().st_size,
-            "built_from": source.name,
-        }
-    report = {
-        "model": which,
-        "parameters": count_parameters(model),
-        "torch_held_out_bits_per_byte": held_out(model, records, seq_len).bits_per_byte,
-        "files": files,
-        "parity": {"atol": e.parity_atol, "min_agreement": e.parity_agreement, "passed": passed},
-    }
-    _write_json(folder / EXPORT_REPORT, report)
+        files["tensorrt"] = ExportedFile(
+            file=ENGINE_FILE, bytes=(folder / ENGINE_FILE).stat().st_size, built_from=source.name
+        )
+    report = ExportReport(
+        model=which,
+        parameters=count_parameters(model),
+        torch_held_out_bits_per_byte=held_out(model, records, seq_len).bits_per_byte,
+        files=files,
+        parity=Parity(atol=e.parity_atol, min_agreement=e.parity_agreement, passed=passed),
+    )
+    path = write_report(folder, report)
     write_card(run_dir)
     if not passed:
         raise CheckFailed(
-            f"ONNX parity failed: max |logit diff| {reference['max_abs_logit_diff']:.2e} "
-            f"(limit {e.parity_atol:g}), next-token agreement {reference['next_token_agreement']:.4f} "
-            f"(at least {e.parity_agreement:g}); see {folder / EXPORT_REPORT}"
+            f"ONNX parity failed: max |logit diff| {reference.max_abs_logit_diff:.2e} "
+            f"(limit {e.parity_atol:g}), next-token agreement {reference.next_token_agreement:.4f} "
+            f"(at least {e.parity_agreement:g}); see {path}"
         )
     return report
 

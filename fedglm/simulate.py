@@ -24,16 +24,15 @@ from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, FederationConfig, PretrainConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
 from fedglm.errors import InputError, check_out_folder
+from fedglm.layout import BASE_FILE, SIMULATION_MARK, SPEC_NAME
 from fedglm.nodes import NODE_PUB, ensure_node_keys, read_node_public_key
-from fedglm.pretrain import BASE_FILE, OtherConfigState, federation_from_base, pretrain
+from fedglm.pretrain import OtherConfigState, federation_from_base, pretrain
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
-from fedglm.server.app import SPEC_NAME
 from fedglm.server.coordinator import RowCallback, admit_sites, execute_run, write_spec
 from fedglm.server.superlink import TLSFiles, start_superlink
 
-SIMULATION_MARK = "SIMULATION"  # in a run folder made by `fedglm simulate`
 PREVIOUS = "previous"
 REUSED = ("base", "data", SIMULATION_MARK, PREVIOUS)  # kept in place between simulations
 

@@ -10,16 +10,9 @@ import torch
 
 from fedglm.config import DataConfig, FederationConfig, ModelConfig, PretrainConfig
 from fedglm.errors import InputError
+from fedglm.layout import BASE_FILE, MANIFEST_FILE
 from fedglm.model import load_model, save_model
-from fedglm.pretrain import (
-    BASE_FILE,
-    MANIFEST_FILE,
-    OtherConfigState,
-    federation_from_base,
-    file_digest,
-    load_base,
-    pretrain,
-)
+from fedglm.pretrain import OtherConfigState, federation_from_base, file_digest, load_base, pretrain
 
 SMALL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 48, "max_seq_len": 64}
 

@@ -16,13 +16,11 @@ from fedglm.config import (
     RunSpec,
 )
 from fedglm.errors import CheckFailed
+from fedglm.layout import CARD_JSON, CARD_MD, LEDGER_COPIES, RELEASE_DIR, SPEC_NAME, STUDENT_FILE
 from fedglm.model import build_model, load_model, save_model
-from fedglm.modelcard import CARD_JSON, CARD_MD, RELEASE_DIR
 from fedglm.pruning import Mask, choose_mask, slice_state
-from fedglm.release import STUDENT_FILE, final_model, release, run_export
-from fedglm.server.app import SPEC_NAME
+from fedglm.release import final_model, release, run_export
 from fedglm.server.checkpoint import Checkpoint, model_fingerprint, save_checkpoint
-from fedglm.server.countersign import LEDGER_COPIES
 from tests.privacy.helpers import ledger_of
 
 FED = FederationConfig.model_validate(

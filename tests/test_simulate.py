@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from fedglm.cli.main import app
 from fedglm.errors import InputError
-from fedglm.simulate import PREVIOUS, SIMULATION_MARK, check_out_dir, keep_earlier_run
+from fedglm.layout import SIMULATION_MARK
+from fedglm.simulate import PREVIOUS, check_out_dir, keep_earlier_run
 
 
 def earlier_simulation(out: Path) -> None:

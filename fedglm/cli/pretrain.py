@@ -12,7 +12,8 @@ from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import console, status
 from fedglm.config import PretrainConfig, load_config
 from fedglm.errors import check_out_folder
-from fedglm.pretrain import BASE_FILE, MANIFEST_FILE, pretrain
+from fedglm.layout import BASE_FILE, MANIFEST_FILE
+from fedglm.pretrain import pretrain
 
 
 @reports_errors

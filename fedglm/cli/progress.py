@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from fedglm.reports import ExportReport, read_report
 
 console = Console(stderr=False, highlight=False)
 
@@ -113,22 +114,21 @@ def print_privacy(rows: list[dict[str, Any]]) -> None:
 
 def print_release(folder: Path) -> None:
     """The files of a release folder, with the exported files' parity and bits per byte."""
-    report_path = folder / "export.json"
-    exported = json.loads(report_path.read_text())["files"] if report_path.exists() else {}
-    by_file = {info["file"]: info for info in exported.values()}
+    report = read_report(folder, ExportReport)
+    by_file = {info.file: info for info in report.files.values()} if report else {}
     table = Table(title=f"release: {folder}")
     table.add_column("file", no_wrap=True, min_width=20)
     for column in ("bytes", "max |logit diff|", "next-token agreement", "held-out bits/byte"):
         table.add_column(column, justify="right")
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        info = by_file.get(path.name, {})
-        diff = info.get("max_abs_logit_diff")
+        info = by_file.get(path.name)
+        diff = info.max_abs_logit_diff if info else None
         table.add_row(
             path.name,
             f"{path.stat().st_size:,}",
             "" if diff is None else f"{diff:.2e}",
-            _num(info.get("next_token_agreement")) if info else "",
-            _num(info.get("held_out_bits_per_byte")) if info else "",
+            _num(info.next_token_agreement) if info else "",
+            _num(info.held_out_bits_per_byte) if info else "",
         )
     console.print(table)
 

@@ -17,7 +17,7 @@ from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import print_release, status
 from fedglm.config import ReleaseConfig, load_config
 from fedglm.errors import InputError
-from fedglm.modelcard import RELEASE_DIR
+from fedglm.layout import RELEASE_DIR
 from fedglm.release import run_distill, run_export
 
 RunDir = Annotated[
@@ -38,10 +38,10 @@ def distill(run: RunDir, config: ReleaseFile = None) -> None:
     cfg = _config(config)
     status(f"distilling {run} on public text")
     report = run_distill(run, cfg)
-    teacher, student = report["teacher"], report["student"]
+    teacher, student = report.teacher, report.student
     status(
-        f"teacher {teacher['parameters']:,} parameters, {teacher['bits_per_byte']:.4f} bits/byte; "
-        f"student {student['parameters']:,} parameters, {student['bits_per_byte']:.4f} bits/byte "
+        f"teacher {teacher.parameters:,} parameters, {teacher.bits_per_byte:.4f} bits/byte; "
+        f"student {student.parameters:,} parameters, {student.bits_per_byte:.4f} bits/byte "
         f"(held-out public text)"
     )
     print_release(run / RELEASE_DIR)

@@ -11,8 +11,7 @@ from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import print_release, print_round, print_table, status
 from fedglm.config import CoordinatorConfig, ListedSite, load_config
 from fedglm.errors import InputError
-from fedglm.metrics import METRICS_NAME
-from fedglm.modelcard import RELEASE_DIR
+from fedglm.layout import METRICS_NAME, RELEASE_DIR
 from fedglm.pretrain import federation_from_base
 from fedglm.release import public_text, release
 from fedglm.server.coordinator import admit_sites, execute_run, read_listed_keys, write_spec

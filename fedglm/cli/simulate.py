@@ -10,8 +10,7 @@ import typer
 from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import print_privacy, print_release, print_round, print_table, status
 from fedglm.config import SimulateConfig, load_config
-from fedglm.metrics import METRICS_NAME
-from fedglm.modelcard import RELEASE_DIR
+from fedglm.layout import METRICS_NAME, RELEASE_DIR
 from fedglm.release import release
 from fedglm.simulate import run_simulation
 

@@ -24,9 +24,10 @@ from fedglm import metrics
 from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec
 from fedglm.errors import InputError
+from fedglm.layout import DONE_NAME, MANIFEST_FILE, METRICS_NAME, RECEIPTS_DIR, SPEC_KEY
 from fedglm.lora import add_adapters, is_adapter
 from fedglm.model import build_model, count_parameters
-from fedglm.pretrain import MANIFEST_FILE, load_base
+from fedglm.pretrain import load_base
 from fedglm.privacy.keys import load_private_key
 from fedglm.protocol import RoundConfig
 from fedglm.pruning import Mask
@@ -37,9 +38,6 @@ from fedglm.server.global_model import GlobalModel
 from fedglm.server.ledger_check import LedgerCheck
 from fedglm.server.rounds import run_rounds
 from fedglm.server.strategy import FedglmAvg
-
-SPEC_KEY = "fedglm-spec"
-SPEC_NAME = "run-spec.json"
 
 app = ServerApp()
 
@@ -97,7 +95,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         # From a base, the first model a node gets is FULL (the base, sent once); else INIT.
         broadcast = Broadcast(dict(model.state_dict()), initial=base is None, trainable=trainable)
         run_key = secrets.token_hex(8)
-        if (out_dir / metrics.METRICS_NAME).exists():
+        if (out_dir / METRICS_NAME).exists():
             metrics.truncate_after(out_dir, 0)
     global_model = GlobalModel(
         broadcast, model_args=args, pruning=fed.pruning, mask=mask, lora_scale=lora.scale if lora else None
@@ -112,7 +110,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         return
 
     countersigner = Countersigner(
-        load_private_key(spec.receipt_key), out_dir / "receipts", run_key, nodes=spec.nodes
+        load_private_key(spec.receipt_key), out_dir / RECEIPTS_DIR, run_key, nodes=spec.nodes
     )
     settings = RoundConfig(
         model=fed.model,
@@ -153,4 +151,4 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         timeout=fed.round_timeout_s,
         on_round=persist,
     )
-    atomic_write_text(out_dir / "DONE", f"{last}\n")
+    atomic_write_text(out_dir / DONE_NAME, f"{last}\n")

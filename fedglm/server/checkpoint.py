@@ -21,8 +21,8 @@ import torch
 
 from fedglm.atomic import atomic_write
 from fedglm.errors import InputError
+from fedglm.layout import CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 3
 READABLE_FORMATS = (2, 3)  # format 2: before pruning, always unpruned
 

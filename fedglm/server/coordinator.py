@@ -17,14 +17,13 @@ from fedglm.app_bundle import fab_bytes
 from fedglm.atomic import atomic_write_text
 from fedglm.config import FederationConfig, ListedSite, RunSpec
 from fedglm.errors import CheckFailed, InputError
+from fedglm.layout import RECEIPT_KEY_NAME, SERVERAPP_LOG, SPEC_KEY, SPEC_NAME
 from fedglm.nodes import read_node_public_key
 from fedglm.privacy.keys import make_keys
 from fedglm.processes import ManagedProcess
-from fedglm.server.app import SPEC_KEY, SPEC_NAME
 from fedglm.server.submit import ControlClient, follow_run
 
 RowCallback = Callable[[dict[str, Any]], None]
-RECEIPT_KEY_NAME = "receipt"
 
 
 def read_listed_keys(sites: list[ListedSite]) -> dict[str, bytes]:
@@ -85,7 +84,7 @@ def execute_run(
     client = ControlClient(address, ca_cert)
     try:
         run_id = client.start_run(fab_bytes(), {SPEC_KEY: str(spec_path)})
-        client.stream_logs(run_id, out_dir / "serverapp.log")
+        client.stream_logs(run_id, out_dir / SERVERAPP_LOG)
         seen = {int(r["round"]) for r in metrics.read_rows(out_dir)}
 
         def report_new_rows() -> None:

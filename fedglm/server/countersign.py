@@ -42,15 +42,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedglm.atomic import append_line
 from fedglm.compression import PayloadError
 from fedglm.config import is_site_name
+from fedglm.layout import LEDGER_COPIES
 from fedglm.privacy.keys import key_id, public_key_from_pem
 from fedglm.privacy.ledger import LedgerLine, check_signed, parse_ledger
 from fedglm.privacy.receipts import make_receipt, read_receipts, receipt_ok
 
 BAD_LEDGER = "bad-ledger"
 WRONG_SITE = "wrong-site"
-
-
-LEDGER_COPIES = "ledgers"  # <out>/ledgers/<site>.jsonl: every ledger line countersigned
 
 
 MAX_EARLIER = 64  # as a site sends at most (`privacy.site.MAX_CATCH_UP`)

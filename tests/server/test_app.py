@@ -18,9 +18,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedglm import metrics
 from fedglm.config import FederationConfig, RunSpec
 from fedglm.errors import InputError
+from fedglm.layout import METRICS_NAME, SPEC_KEY
 from fedglm.model import build_model
 from fedglm.privacy.keys import make_keys
-from fedglm.server.app import SPEC_KEY, read_spec, run_federation
+from fedglm.server.app import read_spec, run_federation
 from fedglm.server.checkpoint import Checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
 
 TINY = {"preset": "tiny", "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_seq_len": 32}
@@ -206,4 +207,4 @@ def test_resuming_with_another_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"its checkpoint is of another model shape.*use a new out_dir"):
         _run(UntouchedGrid(), spec)
     assert len(metrics.read_rows(tmp_path)) == 1  # nothing touched
-    assert json.loads((tmp_path / metrics.METRICS_NAME).read_text())["round"] == 1
+    assert json.loads((tmp_path / METRICS_NAME).read_text())["round"] == 1

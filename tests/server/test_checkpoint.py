@@ -5,7 +5,8 @@ import torch
 
 from fedglm import metrics
 from fedglm.errors import InputError
-from fedglm.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from fedglm.layout import CHECKPOINT_NAME, METRICS_NAME
+from fedglm.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 
 def test_checkpoint_round_trip_and_no_leftover_temp_files(tmp_path: Path) -> None:
@@ -55,7 +56,7 @@ def test_metrics_skip_torn_line_and_truncate_for_resume(tmp_path: Path) -> None:
     row = {k: 0 for k in metrics.REQUIRED_KEYS}
     for r in (1, 2, 3):
         metrics.append_round(tmp_path, {**row, "round": r})
-    with (tmp_path / metrics.METRICS_NAME).open("a") as handle:
+    with (tmp_path / METRICS_NAME).open("a") as handle:
         handle.write('{"round": 4, "trai')
     assert [r["round"] for r in metrics.read_rows(tmp_path)] == [1, 2, 3]
     metrics.truncate_after(tmp_path, 2)

@@ -14,11 +14,11 @@ from fedglm import metrics
 from fedglm.app_bundle import fab_bytes
 from fedglm.config import FederationConfig, ListedSite, RunSpec
 from fedglm.errors import CheckFailed
+from fedglm.layout import SPEC_KEY, SPEC_NAME
 from fedglm.nodes import make_node_keys, read_node_public_key
 from fedglm.privacy.keys import load_private_key, load_public_key
 from fedglm.processes import ManagedProcess
 from fedglm.server import coordinator
-from fedglm.server.app import SPEC_KEY, SPEC_NAME
 from fedglm.server.coordinator import execute_run, read_listed_keys, write_spec
 from fedglm.server.submit import follow_run
 
