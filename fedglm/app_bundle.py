@@ -22,7 +22,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from flwr.cli.build import build_fab_from_disk
+from fedglm.flower import build_fab
 
 FAB_DIR = Path(__file__).parent / "fab"
 ALLOWED_ENV = "FEDGLM_ALLOWED_FAB_SHA256"
@@ -34,8 +34,7 @@ class AppRefused(RuntimeError):
 
 @cache
 def fab_bytes() -> bytes:
-    content: bytes = build_fab_from_disk(FAB_DIR)
-    return content
+    return build_fab(FAB_DIR)
 
 
 def fab_sha256() -> str:

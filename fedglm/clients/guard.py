@@ -26,33 +26,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from fedglm import flower
 from fedglm.app_bundle import ALLOWED_ENV, allowed_hashes, check_fab, write_shim
 from fedglm.processes import die_with_parent
 
 SHIM_NAME = "flwr-clientapp"
-
-
-def _install_guard() -> None:
-    import flwr.supernode.runtime.run_clientapp as runner
-
-    allowed = allowed_hashes()
-    original_pull, original_install = runner.pull_task_input, runner.install_from_fab
-    pulled: dict[str, Any] = {}
-
-    def pull(client: Any) -> Any:
-        message, context, run, fab = original_pull(client)
-        pulled["fab"] = fab
-        return message, context, run, fab
-
-    def install(content: bytes, *args: Any, **kwargs: Any) -> Any:
-        # Raised here, after the message was pulled, Flower sends an error reply and the
-        # SuperNode carries on; nothing of the bundle has been written or imported.
-        check_fab(content, pulled["fab"].hash_str, allowed)
-        return original_install(content, *args, **kwargs)
-
-    runner.pull_task_input, runner.install_from_fab = pull, install
 
 
 def main() -> None:
@@ -61,13 +40,12 @@ def main() -> None:
     if not allowed_hashes():
         print(f"fedglm guard: {ALLOWED_ENV} is not set; refusing to run any app", file=sys.stderr)
         sys.exit(2)
-    _install_guard()
+    allowed = allowed_hashes()
+    flower.hook_clientapp_bundle_check(lambda content, claimed: check_fab(content, claimed, allowed))
     home = tempfile.mkdtemp(prefix="fedglm-clientapp-")
     os.environ["FLWR_HOME"] = home
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
     try:
-        flwr_clientapp()
+        flower.run_clientapp()
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

@@ -20,6 +20,7 @@ from fedglm.app_bundle import ALLOWED_ENV, fab_sha256
 from fedglm.clients.guard import write_clientapp_shim
 from fedglm.clients.site import SITE_KEY
 from fedglm.errors import InputError
+from fedglm.flower import check_version
 from fedglm.processes import (
     ManagedProcess,
     check_port_free,
@@ -93,6 +94,7 @@ def start_supernode(
     """
     if '"' in str(site_spec):
         raise InputError(f"state_dir {site_spec.parent}: a path with '\"' cannot be passed to Flower")
+    check_version()  # the guard hooks into this Flower release's internals
     check_port_free("127.0.0.1", runtime_port, "runtime_port")
     argv = [
         executable("flower-supernode"),

@@ -30,8 +30,6 @@ point), where SuperNode authentication (`fedglm/server/nodes.py`) admits only li
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import ipaddress
 import json
 import os
@@ -40,6 +38,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from fedglm import flower
 from fedglm.app_bundle import ALLOWED_ENV, AppRefused, allowed_hashes, check_fab, write_shim
 from fedglm.processes import die_with_parent
 
@@ -101,27 +100,13 @@ def check_start_run(request: Any, allowed: set[str]) -> None:
     check_fab(bytes(request.fab.content), request.fab.hash_str or "", allowed)
 
 
-def _install_superlink_guard() -> None:
-    from flwr.supercore.error import ApiErrorCode, FlowerError
-    from flwr.superlink import main as superlink_app
-    from flwr.superlink.servicer.control import control_handlers
-    from starlette.middleware import Middleware
-
-    allowed = allowed_hashes()
-    original_middleware, original_start_run = superlink_app._get_middleware, control_handlers.start_run
-
-    def middleware() -> list[Middleware]:
-        return [Middleware(LoopbackOnly), *original_middleware()]
-
-    def start_run(request: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            check_start_run(request, allowed)
-        except AppRefused as exc:
-            raise FlowerError(ApiErrorCode.FORBIDDEN_ACTION, str(exc), public_details=str(exc)) from None
-        return original_start_run(request, *args, **kwargs)
-
-    superlink_app._get_middleware = middleware
-    control_handlers.start_run = start_run
+def refusal(request: Any, allowed: set[str]) -> str | None:
+    """Why a StartRun request is refused (`check_start_run`), or None."""
+    try:
+        check_start_run(request, allowed)
+    except AppRefused as exc:
+        return str(exc)
+    return None
 
 
 def superlink_main() -> None:
@@ -130,10 +115,9 @@ def superlink_main() -> None:
     if not allowed_hashes():
         print(f"fedglm guard: {ALLOWED_ENV} is not set; refusing to start", file=sys.stderr)
         sys.exit(2)
-    _install_superlink_guard()
-    from flwr.superlink.cli import flower_superlink
-
-    flower_superlink()
+    allowed = allowed_hashes()
+    flower.hook_superlink(LoopbackOnly, lambda request: refusal(request, allowed))
+    flower.run_superlink()
 
 
 def serverapp_main() -> None:
@@ -143,24 +127,8 @@ def serverapp_main() -> None:
     if not allowed:
         print(f"fedglm guard: {ALLOWED_ENV} is not set; refusing to run any app", file=sys.stderr)
         sys.exit(2)
-    guard_serverapp_install(allowed)
-    from flwr.superlink.cli import flwr_serverapp
-
-    flwr_serverapp()
-
-
-def guard_serverapp_install(allowed: set[str]) -> None:
-    """Make Flower's ServerApp runner check a bundle's hash before it unpacks the bundle."""
-    # (the package exports a function of the module's name: take the module itself)
-    runner = importlib.import_module("flwr.superlink.runtime.run_serverapp")
-    original_install = runner.install_from_fab
-
-    def install(content: bytes, *args: Any, **kwargs: Any) -> Any:
-        # The ServerApp fails here, with nothing of the bundle written or imported.
-        check_fab(content, hashlib.sha256(content).hexdigest(), allowed)
-        return original_install(content, *args, **kwargs)
-
-    setattr(runner, "install_from_fab", install)  # noqa: B010 (a module attribute Flower looks up)
+    flower.hook_serverapp_bundle_check(lambda content, claimed: check_fab(content, claimed, allowed))
+    flower.run_serverapp()
 
 
 def superexec_main() -> None:

@@ -33,10 +33,10 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.common import MessageType, log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedglm.compression import Kind, PayloadError, check_header, decode
 from fedglm.config import CompressionConfig, LinkConfig
+from fedglm.flower import sample_nodes
 from fedglm.payload import (
     ARRAYS_KEY,
     CONFIG_KEY,

@@ -1,14 +1,13 @@
 """Submitting the fedglm app to a SuperLink and following it until it ends.
 
-Uses the same internals as `flwr run` (the Control API over HTTPS): build the thin app bundle,
-`StartRun` with the run config, stream the ServerApp's log to a file, poll `ListRuns`. These
-are internal Flower APIs, which is why `flwr` is pinned to one version in pyproject.toml.
+Uses the same internals as `flwr run` (the Control API over HTTPS, through `fedglm/flower.py`):
+`StartRun` with the thin app bundle and the run config, stream the ServerApp's log to a file,
+poll `ListRuns`; and `RegisterNode` for the hospitals the coordinator lists.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -16,17 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from flwr.common.serde import fab_to_proto, user_config_to_proto
-from flwr.proto.control_pb2 import (
-    ListRunsRequest,
-    RegisterNodeRequest,
-    StartRunRequest,
-    StopRunRequest,
-    StreamLogsRequest,
-)
-from flwr.supercore.control import ControlHttpClient
-from flwr.supercore.fab import Fab
 
+from fedglm import flower
 from fedglm.errors import CheckFailed
 
 
@@ -45,21 +35,11 @@ class ControlClient:
     """A connection to a SuperLink's Control API."""
 
     def __init__(self, address: str, ca_cert: Path | None) -> None:
-        self._client = ControlHttpClient.from_server_address(
-            server_address=address,
-            insecure=ca_cert is None,
-            root_certificates=ca_cert.read_bytes() if ca_cert else None,
-            interceptors=[],
-        )
+        self._client = flower.control_client(address, ca_cert)
 
     def start_run(self, fab: bytes, run_config: Mapping[str, str | int | float | bool]) -> int:
-        bundle = Fab(hashlib.sha256(fab).hexdigest(), fab, {})
         try:
-            response = self._client.StartRun(
-                StartRunRequest(
-                    fab=fab_to_proto(bundle), override_config=user_config_to_proto(dict(run_config))
-                )
-            )
+            response = self._client.StartRun(flower.start_run_request(fab, run_config))
         except httpx.HTTPStatusError as exc:
             raise CheckFailed(f"the SuperLink refused the run: {_error_text(exc.response)}") from None
         except httpx.HTTPError as exc:
@@ -71,7 +51,7 @@ class ControlClient:
     def register_node(self, public_key: bytes, name: str) -> int:
         """Admit the SuperNode holding `public_key` (PEM); its node id."""
         try:
-            response = self._client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
+            response = self._client.RegisterNode(flower.register_node_request(public_key, name))
         except httpx.HTTPStatusError as exc:
             raise CheckFailed(f"the SuperLink refused node {name!r}: {_error_text(exc.response)}") from None
         if not response.node_id:
@@ -79,12 +59,12 @@ class ControlClient:
         return int(response.node_id)
 
     def status(self, run_id: int) -> tuple[str, str, str]:
-        run = self._client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
+        run = self._client.ListRuns(flower.list_runs_request(run_id)).run_dict[run_id]
         return run.status.status, run.status.sub_status, run.status.details
 
     def stop_run(self, run_id: int) -> None:
         with contextlib.suppress(httpx.HTTPError):  # it may have finished already
-            self._client.StopRun(StopRunRequest(run_id=run_id))
+            self._client.StopRun(flower.stop_run_request(run_id))
 
     def stream_logs(self, run_id: int, log_path: Path) -> threading.Thread:
         """Copy the ServerApp's log to `log_path` in a background thread until the run ends."""
@@ -92,9 +72,7 @@ class ControlClient:
         def pump() -> None:
             try:
                 with log_path.open("a", encoding="utf-8") as handle:
-                    for reply in self._client.StreamLogs(
-                        StreamLogsRequest(run_id=run_id, after_timestamp=0.0)
-                    ):
+                    for reply in self._client.StreamLogs(flower.stream_logs_request(run_id)):
                         handle.write(reply.log_output)
                         handle.flush()
             except Exception:  # the stream ends with the run or the SuperLink

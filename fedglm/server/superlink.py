@@ -17,6 +17,7 @@ from pathlib import Path
 from fedglm.app_bundle import ALLOWED_ENV, fab_sha256
 from fedglm.certs import check_certificate_file
 from fedglm.errors import InputError
+from fedglm.flower import check_version
 from fedglm.processes import (
     ManagedProcess,
     check_port_free,
@@ -60,6 +61,7 @@ def start_superlink(
     install). With `node_auth` only SuperNodes whose keys are registered connect (TLS needed;
     see `fedglm/nodes.py`).
     """
+    check_version()  # the guards hook into this Flower release's internals
     executable("flower-superexec")  # the guard's shim hands over to it
     argv = [
         sys.executable,

@@ -12,8 +12,9 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.proto.control_pb2 import StartRunRequest
 from flwr.proto.fab_pb2 import Fab
 
-from fedglm.app_bundle import AppRefused, fab_bytes, fab_sha256
-from fedglm.server.guard import LoopbackOnly, check_start_run, guard_serverapp_install, is_loopback
+from fedglm import flower
+from fedglm.app_bundle import AppRefused, check_fab, fab_bytes, fab_sha256
+from fedglm.server.guard import LoopbackOnly, check_start_run, is_loopback
 from tests.conftest import ROOT
 
 
@@ -86,7 +87,7 @@ def test_the_serverapp_unpacks_no_foreign_bundle(monkeypatch: pytest.MonkeyPatch
     runner = importlib.import_module("flwr.superlink.runtime.run_serverapp")
     installed: list[bytes] = []
     monkeypatch.setattr(runner, "install_from_fab", lambda content, *a, **k: installed.append(content))
-    guard_serverapp_install({fab_sha256()})
+    flower.hook_serverapp_bundle_check(lambda content, claimed: check_fab(content, claimed, {fab_sha256()}))
     rogue = build_fab_from_disk(ROOT / "tests" / "assets" / "rogue_app")
     with pytest.raises(AppRefused):
         runner.install_from_fab(rogue, skip_prompt=True)
