@@ -15,6 +15,13 @@ from fedglm.metrics import REQUIRED_KEYS
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True)
+def replayable_dp_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests assert that a loss falls under DP noise: seed the noise (tests only, see
+    `privacy/dpsgd.py`) so that a failure can be replayed."""
+    monkeypatch.setenv("FEDGLM_TEST_DP_SEED", "20261130")
+
+
 def test_simulate_two_sites_two_rounds(tmp_path: Path) -> None:
     config = tmp_path / "sim.yaml"
     config.write_text(

@@ -15,7 +15,10 @@ Gaussian noise.
 - fp16 autocast with a gradient scaler is refused: its norms overflow, the clip factor becomes
   0 and the model never moves (the noise alone would be released).
 - Sampling and noise draw from generators seeded from the operating system's randomness,
-  never from the run's seed: the coordinator must not be able to replay them.
+  never from the run's seed: the coordinator must not be able to replay them. Only inside a
+  test run (pytest's `PYTEST_CURRENT_TEST` set) does `FEDGLM_TEST_DP_SEED` seed them instead,
+  so a test that asserts a loss falls under DP noise can be replayed; a process that uses it
+  says so in its log.
 - The local optimizer only ever sees the noised, averaged gradient (Opacus' `DPOptimizer`
   wraps it), so its state is post-processing too.
 - The noised sum is divided by `expected_batch_size`, a public value (declared by the site or
@@ -34,6 +37,7 @@ Gaussian noise.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 import warnings
@@ -88,8 +92,24 @@ def dp_precision_for(requested: Precision, device: torch.device, mode: DPMode) -
     return precision
 
 
-def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+TEST_SEED_ENV = "FEDGLM_TEST_DP_SEED"
+
+
+def secret_generator(device: torch.device | str = "cpu", *, stream: int = 0) -> torch.Generator:
+    """A generator seeded from the operating system's randomness (see the module docstring for
+    the one exception, in tests); `stream` keeps sampling and noise apart when seeded."""
+    seed = _test_seed()
+    if seed is None:
+        return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    warnings.warn(f"DP sampling and noise seeded from {TEST_SEED_ENV} (a test): not private", stacklevel=2)
+    return torch.Generator(device=device).manual_seed(seed * 2 + stream)
+
+
+def _test_seed() -> int | None:
+    value = os.environ.get(TEST_SEED_ENV)
+    if value is None or "PYTEST_CURRENT_TEST" not in os.environ:
+        return None
+    return int(value)
 
 
 def per_record_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -128,8 +148,8 @@ def train_private(
         raise ValueError(reason)
     if not (math.isfinite(expected_batch_size) and expected_batch_size >= 1.0):
         raise ValueError(f"expected_batch_size {expected_batch_size!r}: must be a finite number >= 1")
-    sampling = sampling or secret_generator()
-    noise = noise or secret_generator(device)
+    sampling = sampling or secret_generator(stream=0)
+    noise = noise or secret_generator(device, stream=1)
     params = [p for p in model.parameters() if p.requires_grad]
     module: GradSampleModule | GradSampleModuleFastGradientClipping
     if mode == "hooks":

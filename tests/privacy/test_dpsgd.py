@@ -129,3 +129,16 @@ def test_the_model_is_left_without_opacus_hooks() -> None:
     one_step(model, records(2), clip=1.0)
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
     assert all(not hasattr(p, "grad_sample") or p.grad_sample is None for p in model.parameters())
+
+
+def test_dp_randomness_is_seeded_only_in_a_test_that_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedglm.privacy.dpsgd import TEST_SEED_ENV, secret_generator
+
+    monkeypatch.delenv(TEST_SEED_ENV, raising=False)
+    assert secret_generator().initial_seed() != secret_generator().initial_seed()
+    monkeypatch.setenv(TEST_SEED_ENV, "5")
+    with pytest.warns(UserWarning, match="not private"):
+        first, again, noise = secret_generator(), secret_generator(), secret_generator(stream=1)
+    assert first.initial_seed() == again.initial_seed() != noise.initial_seed()
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # outside a test run the variable does nothing
+    assert secret_generator().initial_seed() != secret_generator().initial_seed()
