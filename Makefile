@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install simulate test
+.PHONY: install simulate test lint
 
 $(BIN)/fedglm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,5 +18,10 @@ install: $(BIN)/fedglm
 simulate: install
 	$(BIN)/fedglm simulate
 
-test: install
+lint: install
+	$(BIN)/ruff check fedglm tests bench
+	$(BIN)/ruff format --check fedglm tests bench
+	$(BIN)/mypy fedglm tests bench
+
+test: lint
 	$(BIN)/pytest -q

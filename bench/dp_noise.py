@@ -45,10 +45,15 @@ from fedglm.data import sample_batches  # noqa: E402
 from fedglm.pretrain import load_base  # noqa: E402
 from fedglm.privacy.accounting import calibrate_sigma  # noqa: E402
 from fedglm.privacy.dpsgd import dp_precision, train_private  # noqa: E402
-from fedglm.privacy.site import round_steps  # noqa: E402
 from fedglm.release import held_out  # noqa: E402
 from fedglm.server.broadcast import Broadcast  # noqa: E402
-from fedglm.training import make_optimizer, resolve_precision, steps_for, train_local  # noqa: E402
+from fedglm.training import (  # noqa: E402
+    make_optimizer,
+    private_steps_for,
+    resolve_precision,
+    steps_for,
+    train_local,
+)
 
 DEVICE = torch.device("cpu")
 
@@ -91,7 +96,7 @@ def site_update(
         q=q,
         sigma=sigma,
         clip_norm=privacy.clip_norm,
-        steps=round_steps(cfg.local_steps, cfg.local_epochs, q),
+        steps=private_steps_for(cfg.local_steps, cfg.local_epochs, q),
         seq_len=cfg.seq_len,
         precision=dp_precision(cfg.precision, precision, privacy.mode),
         mode=privacy.mode,
@@ -105,7 +110,7 @@ def site_update(
 def site_sigma(privacy: PrivacyConfig, fed: FederationConfig, n_train: int) -> float:
     """The noise multiplier a site calibrates: its whole budget over every step of the run."""
     q = fed.train.batch_size / n_train
-    steps = fed.rounds * round_steps(fed.train.local_steps, fed.train.local_epochs, q)
+    steps = fed.rounds * private_steps_for(fed.train.local_steps, fed.train.local_epochs, q)
     return calibrate_sigma(
         target_epsilon=privacy.epsilon, delta=privacy.delta, q=q, steps=steps, accountant=privacy.accountant
     )

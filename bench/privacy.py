@@ -36,15 +36,22 @@ sys.path.insert(0, str(ROOT))
 
 from federated import make_sites  # noqa: E402  (bench/federated.py, beside this script)
 
-from fedglm.config import FederationConfig, ModelConfig, PrivacyConfig, SimulateConfig, load_config  # noqa: E402
+from fedglm.config import (  # noqa: E402
+    FederationConfig,
+    ModelConfig,
+    Precision,
+    PrivacyConfig,
+    SimulateConfig,
+    load_config,
+)
 from fedglm.data import encode, window_batch  # noqa: E402
 from fedglm.model import build_model  # noqa: E402
-from fedglm.privacy.dpsgd import train_private  # noqa: E402
+from fedglm.privacy.dpsgd import DPMode, train_private  # noqa: E402
 from fedglm.simulate import run_simulation  # noqa: E402
 from fedglm.training import autocast, lm_loss, make_optimizer, resolve_precision  # noqa: E402
 
 BATCH, SEQ = 16, 128
-MODES = {  # name: (DP mode or None for plain, precision)
+MODES: dict[str, tuple[DPMode | None, Precision]] = {  # name: (DP mode or None for plain, precision)
     "plain auto": (None, "auto"),
     "dp hooks auto": ("hooks", "auto"),
     "plain fp32": (None, "fp32"),
@@ -65,7 +72,7 @@ class Stepper:
     def __init__(self, name: str, device: torch.device) -> None:
         self.mode, requested = MODES[name]
         self.device = device
-        self.precision = resolve_precision(requested, device)  # type: ignore[arg-type]
+        self.precision = resolve_precision(requested, device)
         if self.precision == "fp16":
             self.precision = "fp32"
         self.model = build_model(ModelConfig(preset="small").glm_args(), 0).to(device)

@@ -265,7 +265,7 @@ def canary_gradients(
             module.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                per_record_loss(module(inputs), targets).sum().backward()  # type: ignore[no-untyped-call]
+                per_record_loss(module(inputs), targets).sum().backward()
             flat = torch.cat([params[n].grad_sample.reshape(len(picks), -1) for n in names], dim=1)
             for p in params.values():
                 p.grad_sample = None

@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     config = RoundConfig(model=fed.model, train=fed.train, seed=fed.seed).to_record()
     counting = CountingGrid(grid)
     result = strategy.start(
-        grid=counting,  # type: ignore[arg-type]
+        grid=counting,
         initial_arrays=state_record(model),
         num_rounds=fed.rounds,
         timeout=fed.round_timeout_s,

@@ -3,10 +3,16 @@ import torch
 from fedglm.corpus import generate_public_records
 from fedglm.data import encode
 from fedglm.distill import distill, distillation_loss, make_student, student_layers
-from fedglm.model import GLMArgs, build_model
+from fedglm.model import GLM, Block, GLMArgs, build_model
 from fedglm.training import lm_loss
 
 ARGS = GLMArgs(d_model=32, n_layers=4, n_heads=4, d_ff=64, max_seq_len=32, layer_heads=(4, 3, 4, 2))
+
+
+def block(model: GLM, index: int) -> Block:
+    layer = model.blocks[index]
+    assert isinstance(layer, Block)
+    return layer
 
 
 def test_student_layers_are_evenly_spaced_keeping_first_and_last() -> None:
@@ -23,9 +29,9 @@ def test_the_student_starts_from_the_teachers_weights() -> None:
     assert student.args.layer_heads == (2, 1) and student.args.layer_ff == (48, 48)
     assert torch.equal(student.embed.weight, teacher.embed.weight)
     assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
-    assert torch.equal(student.blocks[1].attn_norm.weight, teacher.blocks[3].attn_norm.weight)
-    rows = student.blocks[1].attn.v_proj.weight
-    assert any(torch.equal(rows, teacher.blocks[3].attn.v_proj.weight[h * 8 : h * 8 + 8]) for h in range(2))
+    assert torch.equal(block(student, 1).attn_norm.weight, block(teacher, 3).attn_norm.weight)
+    rows = block(student, 1).attn.v_proj.weight
+    assert any(torch.equal(rows, block(teacher, 3).attn.v_proj.weight[h * 8 : h * 8 + 8]) for h in range(2))
 
 
 def test_the_loss_mixes_kl_and_next_token_loss() -> None:

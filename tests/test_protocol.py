@@ -7,8 +7,8 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedglm.config import FederationConfig, LinkConfig, ModelConfig, TrainConfig
 from fedglm.errors import InputError
-from fedglm.payload import PayloadError
-from fedglm.protocol import BASE_HASH_KEY, MASK_KEY, RECEIPT_KEY, RoundConfig, read_receipts, receipts_record
+from fedglm.payload import RECEIPT_KEY, PayloadError
+from fedglm.protocol import BASE_HASH_KEY, MASK_KEY, RoundConfig, read_receipts, receipts_record
 
 
 def full_config(**changes: object) -> RoundConfig:
@@ -70,7 +70,7 @@ def test_a_stock_flower_config_reads_with_defaults() -> None:
 )
 def test_a_bad_key_is_named(key: str, value: object, error: type[Exception], match: str) -> None:
     record = full_config().to_record()
-    record[key] = value  # type: ignore[assignment]
+    record[key] = value
     with pytest.raises(error, match=match):
         RoundConfig.from_record(record)
 

@@ -8,6 +8,7 @@ from fedglm.corpus import generate_site_records
 from fedglm.data import encode, sample_batches
 from fedglm.model import build_model
 from fedglm.training import (
+    ResolvedPrecision,
     cpu_has_native_bf16,
     evaluate,
     make_optimizer,
@@ -27,7 +28,7 @@ def test_auto_precision_on_this_cpu() -> None:
 @pytest.mark.parametrize(
     ("precision", "optimizer"), [("fp32", "adamw"), ("bf16", "adamw"), ("fp16", "adamw"), ("fp32", "sgd")]
 )
-def test_local_training_learns_in_every_precision(precision: str, optimizer: str) -> None:
+def test_local_training_learns_in_every_precision(precision: ResolvedPrecision, optimizer: str) -> None:
     records = [encode(t) for t in generate_site_records(0, 20, seed=0)]
     model = build_model(ModelConfig().glm_args(), 0)
     before = evaluate(model, records[:5], seq_len=64, batch_size=8, precision="fp32", device=CPU)
@@ -41,7 +42,7 @@ def test_local_training_learns_in_every_precision(precision: str, optimizer: str
         steps=25,
         precision=precision,
         grad_clip=1.0,
-        device=CPU,  # type: ignore[arg-type]
+        device=CPU,
     )
     after = evaluate(model, records[:5], seq_len=64, batch_size=8, precision="fp32", device=CPU)
     assert stats.steps == 25 and stats.tokens > 0 and math.isfinite(stats.loss)

@@ -19,7 +19,7 @@ client = ClientApp()
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     marker = str(context.run_config["marker"])
-    nodes = []
+    nodes: list[int] = []
     while not nodes:
         nodes = list(grid.get_node_ids())
     content = RecordDict({"config": ConfigRecord({"marker": marker})})

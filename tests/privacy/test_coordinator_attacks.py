@@ -25,7 +25,7 @@ from fedglm.config import ModelConfig, PrivacyConfig, TrainConfig
 from fedglm.data import encode as encode_text
 from fedglm.errors import InputError
 from fedglm.lora import LoraSpec, adapter_state, add_adapters
-from fedglm.model import GLM, GLMArgs, build_model
+from fedglm.model import GLM, Block, GLMArgs, build_model
 from fedglm.payload import LEDGER_KEY, RECEIPT_KEY, read_payload
 from fedglm.privacy.accounting import Release, epsilon
 from fedglm.privacy.dpsgd import DPMode, train_private
@@ -90,6 +90,7 @@ def trigger_model(args: GLMArgs, lora: LoraSpec | None = None) -> GLM:
         model.embed.weight[TRIGGER] = 0.0
         model.embed.weight[TRIGGER, 0] = 1.0
         for block in model.blocks:
+            assert isinstance(block, Block)
             block.attn.o_proj.weight[0, :] = 0.0
             mlp = block.mlp
             for proj in (mlp.gate_proj, mlp.up_proj):

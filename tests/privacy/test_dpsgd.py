@@ -65,7 +65,11 @@ def reference_gradient(model: GLM, data: list[list[int]]) -> torch.Tensor:
         x = torch.tensor([tokens[:-1] + [257] * (32 - len(tokens) + 1)])
         y = torch.tensor([tokens[1:] + [-100] * (32 - len(tokens) + 1)])
         per_record_loss(model(x), y).sum().backward()
-        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        grads = []
+        for p in model.parameters():
+            assert p.grad is not None, "every parameter gets a gradient"
+            grads.append(p.grad.reshape(-1))
+        grad = torch.cat(grads)
         total = grad if total is None else total + grad
     assert total is not None
     return total / len(data)

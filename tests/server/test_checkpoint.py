@@ -36,11 +36,13 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
         def __reduce__(self) -> tuple[object, ...]:
             raise RuntimeError("disk full")
 
+    # deliberately not a tensor: torch.save fails part-way through the write
+    unsaveable: dict[str, torch.Tensor] = {"w": Unsaveable()}  # type: ignore[dict-item]
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(
             tmp_path,
-            Checkpoint(round=2, state={"w": Unsaveable()}, residual={}, run_key="k", fingerprint="a"),
-        )  # type: ignore[dict-item]
+            Checkpoint(round=2, state=unsaveable, residual={}, run_key="k", fingerprint="a"),
+        )
     loaded = load_checkpoint(tmp_path)
     assert loaded is not None and loaded.round == 1
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]

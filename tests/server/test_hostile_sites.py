@@ -57,7 +57,7 @@ def test_huge_updates_are_clipped_and_the_model_stays_finite_and_bounded(value: 
     assert metrics is not None and metrics.clients == 5 and metrics.clipped == 2
     bound = metrics.norm_bound
     honest_norm = 0.01 * 6**0.5  # six values of 0.01
-    assert bound == pytest.approx(4 * honest_norm, rel=1e-5)
+    assert bound is not None and bound == pytest.approx(4 * honest_norm, rel=1e-5)
     state = torch.cat([t.reshape(-1) for t in strategy.model.broadcast.state.values()])
     assert bool(torch.isfinite(state).all())
     # the average moved no further than five sites at the bound would move it
@@ -96,7 +96,7 @@ def test_hostile_metrics_and_error_text_leave_the_round_going(caplog: pytest.Log
     to reach `float()` and raise out of the aggregation), and an error reply's megabyte of text
     is logged as one short line."""
     strategy = make_strategy(weighting="records")
-    hostile_metrics = [
+    hostile_metrics: list[dict[str, Any]] = [
         {"train_loss": [1.0, 2.0], "weight": [3.0], "records-public": 1},
         {"train_loss": float("nan"), "weight": float("inf"), "records-public": 1},
         {"train_loss": 10**30, "weight": -5.0, "records-public": 1},

@@ -66,7 +66,7 @@ def test_stale_nodes_get_the_resent_message_once() -> None:
         return FakeMessage(message.metadata.dst_node_id, 2.0)
 
     traffic = Traffic(dense_model_bytes=1000)
-    replies = traffic.exchange(grid, [FakeMessage(1, 1.0), FakeMessage(2, 1.0)], 5.0, full_model)  # type: ignore[arg-type]
+    replies = traffic.exchange(grid, [FakeMessage(1, 1.0), FakeMessage(2, 1.0)], 5.0, full_model)
     assert resent == [2]
     assert len(replies) == 2 and not any(r.has_error() for r in replies)
     assert len(grid.pushed) == 3

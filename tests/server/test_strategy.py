@@ -76,7 +76,7 @@ def update(
 
 
 def replies(*items: FakeReply) -> list[Message]:
-    return list(items)  # type: ignore[arg-type]
+    return list(items)
 
 
 def test_uniform_average_of_updates_moves_the_broadcast_model() -> None:

@@ -1,6 +1,6 @@
 """Every codec on real and synthetic updates: size, error, speed against memcpy, index bits.
 
-    python bench/codecs.py --data ../shared/data/mtsamples.csv [--synthetic-size 100000000]
+    python bench/codec_bench.py --data ../shared/data/mtsamples.csv [--synthetic-size 100000000]
 
 Updates measured:
 - `small/adamw` and `small/sgd`: the change of the `small` model (3.3 M parameters) after one
