@@ -33,7 +33,7 @@ from typing import Any
 
 from fedglm.errors import InputError
 
-FLOWER_VERSION = "1.41.0"
+FLOWER_VERSION = "1.42.0"
 
 BundleCheck = Callable[[bytes, str], None]  # (bundle bytes, its claimed SHA-256): raise to refuse
 

@@ -19,8 +19,8 @@ from fedglm.errors import InputError
 
 def test_the_installed_flower_is_the_one_fedglm_was_built_against() -> None:
     flower.check_version()
-    with pytest.raises(InputError, match=r"fedglm needs flwr 1\.41\.0 .* found 1\.42\.0"):
-        flower.check_version("1.42.0")
+    with pytest.raises(InputError, match=r"fedglm needs flwr 1\.42\.0 .* found 1\.41\.0"):
+        flower.check_version("1.41.0")
 
 
 def test_build_fab_makes_a_zip_holding_the_apps_pyproject() -> None:

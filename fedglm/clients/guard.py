@@ -1,6 +1,6 @@
 """A site runs fedglm's own app and nothing else: the guarded `flwr-clientapp`.
 
-In open-source Flower 1.41 whoever reaches the coordinator's port can submit an app bundle
+In open-source Flower (1.41 and 1.42) whoever reaches the coordinator's port can submit an app bundle
 (FAB) that every SuperNode executes, and a FAB's folder is put first on `sys.path`, so it could
 even shadow the installed fedglm. Flower's own check (`--trusted-entities`) accepts only FABs
 signed through Flower Hub, never one submitted from a private coordinator.

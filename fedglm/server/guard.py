@@ -2,7 +2,7 @@
 
 Flower's SuperLink serves three APIs on one port: the Fleet API (SuperNodes), the Control API
 (run submission, node registration, logs) and the runtime API (what the ServerApp and the
-SuperExec use). In open-source Flower 1.41 the Control API has no authentication and, with
+SuperExec use). In open-source Flower (1.41 and 1.42) the Control API has no authentication and, with
 subprocess isolation, neither has the runtime API; yet the port must be open to the hospitals,
 and every hospital holds the public `ca.crt`. Unguarded, anyone who reaches the port can submit
 an app whose ServerApp runs on the coordinator's machine, as the user holding `receipt.key` and
