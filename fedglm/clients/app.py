@@ -1,7 +1,8 @@
 """The fedglm ClientApp: Flower's handlers, run inside `flwr-clientapp` at a hospital.
 
-Thin on purpose: each handler reads the site's spec (`site.py`) and hands the message to the
-round at the site (`round.py`), which does the work and builds the reply.
+Thin on purpose: each handler reads the site's spec (`site.py`), brings the message's model
+up to date (`round.receive`) and hands it to the round at the site, with DP
+(`private_round.py`) or without (`round.py`), which does the work and builds the reply.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedglm.clients.round import evaluate_round, train_round
+from fedglm.clients.private_round import train_with_dp
+from fedglm.clients.round import evaluate_round, receive, train_without_dp
 from fedglm.clients.site import read_site
 
 app = ClientApp()
@@ -17,7 +19,11 @@ app = ClientApp()
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    return train_round(read_site(context), message)
+    site = read_site(context)
+    received = receive(site, message)
+    if site.privacy.enabled:
+        return train_with_dp(received, message)
+    return train_without_dp(received, message)
 
 
 @app.evaluate()

@@ -1,17 +1,14 @@
-"""A round at a site, as steps: receive the model, plan, train, compress, record, reply.
+"""A round at a site, as steps: receive the model, train or evaluate, compress, reply.
 
-`train_round` and `evaluate_round` are what the ClientApp's handlers call (`app.py`) for each
-message. The round's settings are read once (`protocol.RoundConfig.from_record`); the site's
-copy of the global model is brought up to date from the message's payload (`sync.py`), after
-the model's size is checked against this machine from public values (`limits.py`).
+The ClientApp's handlers (`app.py`) call `receive`, then `train_without_dp`, `train_with_dp`
+(`private_round.py`) or `evaluate_round`. The round's settings are read once
+(`protocol.RoundConfig.from_record`); the site's copy of the global model is brought up to
+date from the message's payload (`sync.py`), after the model's size is checked against this
+machine from public values (`limits.py`).
 
-With DP on (`privacy.enabled`, the default) a training round runs under the site's privacy
-lock, with the ledger opened and verified once: keep the coordinator's receipts, plan the round
-from the ledger (or decline it, or send a round recorded before again), train with DP-SGD,
-compress, keep the update, append the signed entry (fsynced), save the residual, reply with the
-payload and the entry (`privacy/site.py` has the order and why). Without DP a round trains
-plainly; a site answers a plain FedAvg message (dense tensors, as Flower's stock strategies
-send) with dense weights.
+With DP on (`privacy.enabled`, the default) a training round is `private_round.py`'s. Without
+DP a round trains plainly; a site answers a plain FedAvg message (dense tensors, as Flower's
+stock strategies send) with dense weights.
 
 What leaves the site: the compressed update (error feedback: what is not sent now is kept in
 the residual for later rounds), the signed ledger entry, and the metrics the site declared
@@ -21,14 +18,12 @@ public (`site.public_metrics`).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import WARNING
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 
 from fedglm import compression
@@ -39,13 +34,11 @@ from fedglm.clients.sync import check_pinned_base, parse_mask, prune_held, recei
 from fedglm.compression import CODECS, NO_HASH, Header, Kind
 from fedglm.config import SiteSpec, TrainConfig
 from fedglm.data import SiteData, encode, sample_batches
-from fedglm.errors import InputError
 from fedglm.lora import LoraSpec, adapter_state, add_adapters
 from fedglm.model import GLM
 from fedglm.payload import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    LEDGER_KEY,
     METRICS_KEY,
     PayloadError,
     expected_shapes,
@@ -54,32 +47,18 @@ from fedglm.payload import (
     read_state,
     state_record,
 )
-from fedglm.privacy.dpsgd import dp_precision_for, train_private
-from fedglm.privacy.keys import load_private_key, public_pem
+from fedglm.privacy.keys import load_private_key
 from fedglm.privacy.ledger import LedgerLine
 from fedglm.privacy.site import (
     MAX_CATCH_UP,
-    Decline,
-    RoundPlan,
-    config_hash,
-    expected_batch,
     keep_receipt,
-    keep_sent,
     ledger_lock,
-    not_countersigned,
     open_ledger,
-    plan_round,
-    privacy_dir,
-    record_round,
-    released_before,
-    sample_rate,
-    sent_update,
 )
 from fedglm.protocol import RoundConfig, read_receipts
 from fedglm.training import (
     evaluate,
     optimizer_for,
-    private_steps_for,
     resolve_precision,
     steps_for,
     train_local,
@@ -104,13 +83,6 @@ class Received:
     data: SiteData
     held: HeldModel | None
     lora: LoraSpec | None
-
-
-def train_round(site: SiteSpec, message: Message) -> Message:
-    received = receive(site, message)
-    if site.privacy.enabled:
-        return train_with_dp(received, message)
-    return train_without_dp(received, message)
 
 
 def evaluate_round(site: SiteSpec, message: Message) -> Message:
@@ -231,131 +203,6 @@ def _round_seed(seed: int, site: str, server_round: int) -> int:
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def train_with_dp(received: Received, message: Message) -> Message:
-    """DP-SGD for one round, within the site's budget, under its privacy lock (the ledger is
-    opened and verified once, and the entry is on disk before the update leaves)."""
-    site = received.site
-    if received.held is None:
-        raise InputError(
-            f"site {site.name} trains with DP and keeps a ledger: it answers fedglm's compressed "
-            "messages only, not plain FedAvg"
-        )
-    folder = state_dir(site)
-    key = load_private_key(site.signing_key())
-    with ledger_lock(folder):
-        ledger, lines = open_ledger(folder, key)
-        keep_receipts(site, read_receipts(message.content), lines)
-        server_round = received.config.server_round or 0
-        again = released_before(lines, run=received.held.run, server_round=server_round)
-        if again is not None:
-            return send_again(received, message, again, lines, key)
-        records = [encode(t) for t in received.data.train]
-        plan = plan_private_round(received, lines, len(records))
-        if isinstance(plan, Decline):
-            return decline(received, message, plan)
-        precision = dp_precision_for(received.config.train.precision, received.device, site.privacy.mode)
-        stats = train_private(
-            received.model,
-            records,
-            optimizer=optimizer_for(received.model, received.config.train),
-            q=plan.q,
-            sigma=plan.sigma,
-            clip_norm=site.privacy.clip_norm,
-            steps=plan.steps,
-            seq_len=received.config.train.seq_len,
-            precision=precision,
-            mode=site.privacy.mode,
-            device=received.device,
-            expected_batch_size=plan.expected_batch,
-        )
-        blob, residual = compress_update(received, server_round)
-        keep_sent(folder, blob)
-        line = record_round(
-            ledger,
-            lines,
-            plan,
-            site.privacy,
-            key,
-            count_public=site.share.record_count,
-            client=site.name,
-            run=received.held.run,
-            server_round=server_round,
-            precision=precision,
-            model_received=received.held.hash.hex(),
-            update_sent=hashlib.sha256(blob).hexdigest(),
-            config_digest=config_hash(
-                site.privacy.model_dump(mode="json", exclude={"signing_key"}), dict(received.raw)
-            ),
-        )
-        save_residual(folder, received.held.run, residual)
-        metrics = public_metrics(site, len(records), train_loss=stats.loss)
-        return update_reply(message, blob, line, not_countersigned(folder, lines), key, metrics)
-
-
-def plan_private_round(received: Received, lines: list[LedgerLine], n_train: int) -> RoundPlan | Decline:
-    """The round's q, sigma and steps within the budget, from the verified ledger (`privacy/site.py`)."""
-    site, cfg = received.site, received.config.train
-    privacy = site.privacy
-    q = sample_rate(privacy, batch_size=cfg.batch_size, n_train=n_train)
-    steps = private_steps_for(cfg.local_steps, cfg.local_epochs, q)
-    check_round_steps(steps)
-    return plan_round(
-        privacy,
-        lines,
-        q=q,
-        steps=steps,
-        planned_rounds=privacy.rounds or received.config.rounds or 1,
-        n_train=n_train,
-        expected_batch=expected_batch(
-            privacy, q=q, n_train=n_train, count_public=site.share.record_count, batch_size=cfg.batch_size
-        ),
-        cache_dir=privacy_dir(state_dir(site)),
-    )
-
-
-def decline(received: Received, message: Message, plan: Decline) -> Message:
-    """The round would pass the budget: say so, spend nothing."""
-    reason = plan.reason(received.site.privacy.epsilon)
-    log(INFO, "%s: round %d %s", received.site.name, received.config.server_round or 0, reason)
-    content = RecordDict(
-        {
-            METRICS_KEY: MetricRecord({"declined": 1, "epsilon": plan.epsilon}),
-            LEDGER_KEY: ConfigRecord({"declined": reason}),
-        }
-    )
-    return Message(content=content, reply_to=message)
-
-
-def send_again(
-    received: Received, message: Message, line: LedgerLine, lines: list[LedgerLine], key: Ed25519PrivateKey
-) -> Message:
-    """The round was trained and recorded before (see `privacy/site.py`): the same update again."""
-    assert received.held is not None
-    folder, sequence = state_dir(received.site), int(line.entry["sequence"])
-    blob, problem = sent_update(folder, line), ""
-    if sequence != int(lines[-1].entry["sequence"]):
-        problem = "a later round followed it"
-    elif line.entry["model_received"] != received.held.hash.hex():
-        problem = "the coordinator now sends another model"
-    elif blob is None:
-        problem = "its update is no longer kept"
-    if blob is None or problem:
-        raise InputError(
-            f"round {line.entry['round']} of run {line.entry['run']} is already in this site's ledger "
-            f"(entry {sequence}) and {problem}: a site never trains a round twice"
-        )
-    log(
-        INFO,
-        "%s: round %d was recorded before (entry %d); sending its update again",
-        received.site.name,
-        int(line.entry["round"]),
-        sequence,
-    )
-    earlier = [x for x in not_countersigned(folder, lines) if x is not line]
-    metrics = public_metrics(received.site, len(received.data.train))
-    return update_reply(message, blob, line, earlier, key, metrics)
-
-
 def compress_update(received: Received, server_round: int) -> tuple[bytes, Residual]:
     """The trained model's change plus the residual, compressed; and the new residual (what was
     not sent), which the caller saves before anything leaves."""
@@ -381,22 +228,3 @@ def compress_update(received: Received, server_round: int) -> tuple[bytes, Resid
     )
     residual = change
     return blob, residual
-
-
-def update_reply(
-    message: Message,
-    blob: bytes,
-    line: LedgerLine,
-    earlier: list[LedgerLine],
-    key: Ed25519PrivateKey,
-    metrics: MetricRecord,
-) -> Message:
-    ledger_record = ConfigRecord(
-        {
-            "line": json.dumps(line.as_json()),
-            "public-key": public_pem(key.public_key()),
-            "earlier": [json.dumps(x.as_json()) for x in earlier[-(MAX_CATCH_UP - 1) :]],
-        }
-    )
-    content = RecordDict({ARRAYS_KEY: payload_record(blob), METRICS_KEY: metrics, LEDGER_KEY: ledger_record})
-    return Message(content=content, reply_to=message)
