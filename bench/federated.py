@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flwr.cli.build import build_fab_from_disk
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -43,6 +41,7 @@ from fedglm.config import (  # noqa: E402
     load_config,
 )
 from fedglm.data import encode, load_records, split_records  # noqa: E402
+from fedglm.flower import build_fab  # noqa: E402
 from fedglm.layout import SPEC_KEY  # noqa: E402
 from fedglm.partition import partition_csv  # noqa: E402
 from fedglm.server.coordinator import write_spec  # noqa: E402
@@ -175,7 +174,7 @@ def main() -> None:
     base = load_config(args.config, FederationConfig)
     names = ["stock", *[n for n in CONFIGS if n != "stock" and (not args.only or n in args.only)]]
     sites = make_sites(args.data, out)
-    stock_fab, fedglm_fab = build_fab_from_disk(ROOT / "bench" / "stock_app"), fab_bytes()
+    stock_fab, fedglm_fab = build_fab(ROOT / "bench" / "stock_app"), fab_bytes()
     allowed = [hashlib.sha256(f).hexdigest() for f in (fedglm_fab, stock_fab)]
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in names}
     with local_stack(

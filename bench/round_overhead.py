@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.cli.build import build_fab_from_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +29,7 @@ from fedglm.app_bundle import fab_bytes  # noqa: E402
 from fedglm.config import ModelConfig, SimulateConfig, load_config  # noqa: E402
 from fedglm.corpus import generate_site_records  # noqa: E402
 from fedglm.data import encode, sample_batches  # noqa: E402
+from fedglm.flower import build_fab  # noqa: E402
 from fedglm.layout import SPEC_KEY  # noqa: E402
 from fedglm.model import build_model  # noqa: E402
 from fedglm.server.coordinator import write_spec  # noqa: E402
@@ -49,7 +49,7 @@ def timed_run(client: ControlClient, fab: bytes, spec: Path) -> float:
 
 
 def round_overhead(config: SimulateConfig, out: Path, repeats: int) -> None:
-    stock_fab = build_fab_from_disk(ROOT / "bench" / "stock_app")
+    stock_fab = build_fab(ROOT / "bench" / "stock_app")
     fedglm_fab = fab_bytes()
     allowed = [hashlib.sha256(f).hexdigest() for f in (fedglm_fab, stock_fab)]
     sites = simulated_sites(config, out)

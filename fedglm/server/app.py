@@ -1,10 +1,11 @@
 """The fedglm ServerApp: runs inside Flower's `flwr-serverapp` process on the coordinator.
 
 `fedglm server` writes the run's spec (`run-spec.json`) into the run folder and passes its path
-as the run config value `fedglm-spec`. The app builds the model from the seed or from
-the base model the config names (or resumes from the folder's checkpoint), adds LoRA adapters
-when sites train only those, runs the rounds with `FedglmAvg`, and after every round writes the
-checkpoint (atomically) and then the round's metrics line. A fresh run draws a random run key;
+as the run config value `fedglm-spec`. The app reads as three steps: `start_or_resume` (the
+model from the seed or the named base model, with LoRA adapters when sites train only those;
+or the folder's checkpoint), `make_strategy` (`FedglmAvg` with the round settings and the
+ledger check), and `run_rounds`, after each of which the checkpoint is written (atomically)
+and then the round's metrics line. A fresh run draws a random run key and checkpoints round 0;
 clients keep their state (model copy, residual) under that key only.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,53 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(grid: Grid, spec: RunSpec) -> None:
-    fed = spec.federation
-    out_dir = spec.out_dir
+    """Start (or resume) the run, then its rounds; each finished round is persisted."""
+    fed, out_dir = spec.federation, spec.out_dir
+    start = start_or_resume(spec)
+    if start.first_round > fed.rounds:
+        log(INFO, "All %d rounds are already done in %s", fed.rounds, out_dir)
+        return
+    strategy = make_strategy(spec, start)
+    strategy.summary()
+
+    def persist(server_round: int, row: dict[str, Any]) -> None:
+        """The checkpoint first, then the metrics line: a line always has its checkpoint."""
+        checkpoint = start.model.checkpoint(
+            server_round, run_key=start.run_key, fingerprint=start.fingerprint
+        )
+        save_checkpoint(out_dir, checkpoint)
+        metrics.append_round(out_dir, row)
+        log(INFO, "round %d: %s", server_round, row)
+
+    last = run_rounds(
+        grid,
+        strategy,
+        first_round=start.first_round,
+        last_round=fed.rounds,
+        dense_model_bytes=start.dense_bytes,
+        timeout=fed.round_timeout_s,
+        on_round=persist,
+    )
+    atomic_write_text(out_dir / DONE_NAME, f"{last}\n")
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: the global model, the run key, the first round to run, the model's
+    identity (`fingerprint`, the base's hash) and its dense size (for the traffic figures)."""
+
+    model: GlobalModel
+    run_key: str
+    first_round: int
+    fingerprint: str
+    base_hash: str | None
+    dense_bytes: int
+
+
+def start_or_resume(spec: RunSpec) -> Start:
+    """The model from the seed or the base model the config names, with LoRA adapters when sites
+    train only those; or, with `resume`, the folder's checkpoint (of the same model only)."""
+    fed, out_dir = spec.federation, spec.out_dir
     args = fed.model.glm_args()
     lora = fed.train.lora_spec(fed.model.init_seed)
     base = load_base(fed.base) if fed.base is not None else None
@@ -69,8 +116,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         add_adapters(model, lora)
     trainable = [name for name in model.state_dict() if is_adapter(name)] if lora else None
     fingerprint = model_fingerprint(fed.model.model_dump(), base=base.hash if base else None, lora=lora)
-    first_round = 1
-    mask = Mask.full(args)
+    first_round, mask = 1, Mask.full(args)
     checkpoint = load_checkpoint(out_dir) if spec.resume else None
     if checkpoint is not None:
         if checkpoint.fingerprint != fingerprint:
@@ -104,24 +150,26 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         # Round 0 is persisted too: a restart during round 1 resumes this run (same run key),
         # so a site that spent its budget on round 1 is not asked to spend it again.
         save_checkpoint(out_dir, global_model.checkpoint(0, run_key=run_key, fingerprint=fingerprint))
+    base_hash = base.hash if base is not None else None
+    return Start(global_model, run_key, first_round, fingerprint, base_hash, dense_bytes)
 
-    if first_round > fed.rounds:
-        log(INFO, "All %d rounds are already done in %s", fed.rounds, out_dir)
-        return
 
+def make_strategy(spec: RunSpec, start: Start) -> FedglmAvg:
+    """The run's strategy: the round settings every site gets, the ledger check, the rules."""
+    fed = spec.federation
     countersigner = Countersigner(
-        load_private_key(spec.receipt_key), out_dir / RECEIPTS_DIR, run_key, nodes=spec.nodes
+        load_private_key(spec.receipt_key), spec.out_dir / RECEIPTS_DIR, start.run_key, nodes=spec.nodes
     )
     settings = RoundConfig(
         model=fed.model,
         train=fed.train,
         seed=fed.seed,
         rounds=fed.rounds,
-        run_key=run_key,
-        base_hash=base.hash if base is not None else None,  # sites check what they receive against it
+        run_key=start.run_key,
+        base_hash=start.base_hash,  # sites check what they receive against it
     )
-    strategy = FedglmAvg(
-        model=global_model,
+    return FedglmAvg(
+        model=start.model,
         ledgers=LedgerCheck(countersigner, required=fed.require_dp),
         settings=settings,
         compression=fed.compression,
@@ -132,23 +180,3 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         aggregation=fed.aggregation,
         trim_fraction=fed.trim_fraction,
     )
-    strategy.summary()
-
-    def persist(server_round: int, row: dict[str, Any]) -> None:
-        """The checkpoint first, then the metrics line: a line always has its checkpoint."""
-        save_checkpoint(
-            out_dir, global_model.checkpoint(server_round, run_key=run_key, fingerprint=fingerprint)
-        )
-        metrics.append_round(out_dir, row)
-        log(INFO, "round %d: %s", server_round, row)
-
-    last = run_rounds(
-        grid,
-        strategy,
-        first_round=first_round,
-        last_round=fed.rounds,
-        dense_model_bytes=dense_bytes,
-        timeout=fed.round_timeout_s,
-        on_round=persist,
-    )
-    atomic_write_text(out_dir / DONE_NAME, f"{last}\n")
