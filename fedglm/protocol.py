@@ -35,7 +35,9 @@ from fedglm.payload import CONFIG_KEY, RECEIPT_KEY, PayloadError
 MASK_KEY = "prune.mask"
 BASE_HASH_KEY = "base.hash"
 NULLABLE_TRAIN_KEYS = ("local_steps", "local_epochs", "grad_clip")
-MAX_RECEIPTS = 64  # receipts one message may carry (as many as a reply's `earlier` lines)
+# Ledger lines a reply carries (the site's lines not yet receipted) and receipts a message
+# carries back: one bound for both directions.
+MAX_CATCH_UP = 64
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SOURCE = "round config from the coordinator"
 
@@ -123,9 +125,9 @@ def receipts_record(lines: list[str]) -> ConfigRecord:
 
 
 def read_receipts(content: RecordDict) -> list[str]:
-    """The receipt lines a message carries (at most `MAX_RECEIPTS` strings; others ignored)."""
+    """The receipt lines a message carries (at most `MAX_CATCH_UP` strings; others ignored)."""
     record = content.config_records.get(RECEIPT_KEY)
     lines = record.get("lines") if record is not None else None
     if not isinstance(lines, list):
         return []
-    return [line for line in lines[:MAX_RECEIPTS] if isinstance(line, str)]
+    return [line for line in lines[:MAX_CATCH_UP] if isinstance(line, str)]

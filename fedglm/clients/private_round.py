@@ -28,7 +28,6 @@ from fedglm.privacy.dpsgd import dp_precision_for, train_private
 from fedglm.privacy.keys import load_private_key, public_pem
 from fedglm.privacy.ledger import LedgerLine
 from fedglm.privacy.site import (
-    MAX_CATCH_UP,
     Decline,
     RoundPlan,
     config_hash,
@@ -44,7 +43,7 @@ from fedglm.privacy.site import (
     sample_rate,
     sent_update,
 )
-from fedglm.protocol import read_receipts
+from fedglm.protocol import MAX_CATCH_UP, read_receipts
 from fedglm.training import optimizer_for, private_steps_for
 
 

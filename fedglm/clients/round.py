@@ -50,7 +50,6 @@ from fedglm.payload import (
 from fedglm.privacy.keys import load_private_key
 from fedglm.privacy.ledger import LedgerLine
 from fedglm.privacy.site import (
-    MAX_CATCH_UP,
     keep_receipt,
     ledger_lock,
     open_ledger,
@@ -167,7 +166,7 @@ def _device() -> torch.device:
 
 def keep_receipts(site: SiteSpec, receipts: list[str], lines: list[LedgerLine]) -> None:
     """Keep the coordinator's receipts for entries of this (verified) ledger."""
-    kept = [keep_receipt(state_dir(site), text, lines) for text in receipts[:MAX_CATCH_UP]]
+    kept = [keep_receipt(state_dir(site), text, lines) for text in receipts]
     if not all(kept):
         log(WARNING, "%s: the coordinator sent a receipt for no entry of this ledger; ignored", site.name)
 

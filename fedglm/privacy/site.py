@@ -48,13 +48,13 @@ from fedglm.privacy.accounting import ACCOUNTANT_VERSION, Release, calibrate_sig
 from fedglm.privacy.keys import load_private_key
 from fedglm.privacy.ledger import LedgerLine, append_entry, canonical, load_own_ledger, read_text_file
 from fedglm.privacy.receipts import MAX_RECEIPT_CHARS, parse_receipt
+from fedglm.protocol import MAX_CATCH_UP
 
 LEDGER_FILE = "ledger.jsonl"
 RECEIPTS_FILE = "receipts.jsonl"
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "lock"
 SENT_FILE = "sent-update.bin"
-MAX_CATCH_UP = 64  # ledger lines a reply may carry: those the coordinator has not receipted
 
 
 def privacy_dir(state_dir: Path) -> Path:

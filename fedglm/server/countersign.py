@@ -46,12 +46,12 @@ from fedglm.layout import LEDGER_COPIES
 from fedglm.privacy.keys import key_id, public_key_from_pem
 from fedglm.privacy.ledger import LedgerLine, check_signed, parse_ledger
 from fedglm.privacy.receipts import make_receipt, read_receipts, receipt_ok
+from fedglm.protocol import MAX_CATCH_UP
 
 BAD_LEDGER = "bad-ledger"
 WRONG_SITE = "wrong-site"
 
 
-MAX_EARLIER = 64  # as a site sends at most (`privacy.site.MAX_CATCH_UP`)
 MAX_PEM_CHARS = 1024  # an Ed25519 public key in PEM is 113 characters
 
 
@@ -175,9 +175,6 @@ class Countersigner:
         """The receipts to send with the next message to `node`, once."""
         return self._pending.pop(node, [])
 
-    def epsilon_max(self) -> float | None:
-        return max(self.epsilon.values()) if self.epsilon else None
-
 
 def _read_lines(ledger: dict[str, Any]) -> tuple[list[LedgerLine], Ed25519PublicKey]:
     """The ledger lines of a reply (earlier ones first) and the site's public key."""
@@ -186,10 +183,12 @@ def _read_lines(ledger: dict[str, Any]) -> tuple[list[LedgerLine], Ed25519Public
         raise PayloadError("the ledger record needs 'line' and 'public-key' (PEM) strings", BAD_LEDGER)
     if (
         not isinstance(earlier, list)
-        or len(earlier) > MAX_EARLIER
+        or len(earlier) > MAX_CATCH_UP
         or not all(isinstance(x, str) for x in earlier)
     ):
-        raise PayloadError(f"the ledger record's 'earlier' must be at most {MAX_EARLIER} strings", BAD_LEDGER)
+        raise PayloadError(
+            f"the ledger record's 'earlier' must be at most {MAX_CATCH_UP} strings", BAD_LEDGER
+        )
     texts = [*earlier, line_text]
     lines, problems = parse_ledger("".join(text.replace("\n", " ") + "\n" for text in texts))
     if problems or len(lines) != len(texts):

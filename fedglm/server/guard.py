@@ -40,7 +40,7 @@ from typing import Any
 
 from fedglm import flower
 from fedglm.app_bundle import ALLOWED_ENV, AppRefused, allowed_hashes, check_fab, write_shim
-from fedglm.processes import die_with_parent
+from fedglm.processes import die_with_parent, executable
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -49,8 +49,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PUBLIC_PREFIX = "/v1/fleet/"
 PUBLIC_PATHS = frozenset({"/health"})
-# Where the real Flower executables live (the shims come first on PATH and must not find themselves).
-BIN_DIR = Path(sys.executable).parent
 
 
 def is_loopback(host: str) -> bool:
@@ -134,8 +132,8 @@ def serverapp_main() -> None:
 def superexec_main() -> None:
     """`flower-superexec`, dying with the SuperLink that started it."""
     die_with_parent()
-    real = BIN_DIR / "flower-superexec"
-    os.execv(str(real), [str(real), *sys.argv[1:]])
+    real = executable("flower-superexec")
+    os.execv(real, [real, *sys.argv[1:]])
 
 
 def write_coordinator_shims(bin_dir: Path) -> Path:

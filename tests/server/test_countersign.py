@@ -76,7 +76,7 @@ def test_a_matching_entry_is_countersigned_and_the_receipt_sent_once(desk: Count
         "signature": stored[0].signature,
     }
     assert receipt_ok(stored[0], desk.key.public_key())
-    assert desk.epsilon_max() == 1.5
+    assert desk.epsilon == {"site-a": 1.5}
 
 
 @pytest.mark.parametrize(
