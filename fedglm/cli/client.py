@@ -13,7 +13,7 @@ from fedglm.certs import check_certificate_file
 from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import status
 from fedglm.clients.site import SITE_NAME, describe_site_data
-from fedglm.clients.supernode import preflight, start_supernode
+from fedglm.clients.supernode import NodeRefused, node_refused, preflight, refusal_message, start_supernode
 from fedglm.config import HospitalConfig, load_config
 from fedglm.errors import CheckFailed, InputError
 from fedglm.nodes import NODE_KEY, NODE_PUB, ensure_node_keys
@@ -23,6 +23,7 @@ from fedglm.server.superlink import check_insecure_allowed
 
 QUICK_EXIT_S = 15.0
 MAX_QUICK_FAILURES = 3
+REFUSED_WAIT_S = 5.0  # a restarting coordinator lists its sites seconds after its SuperLink answers
 
 
 @reports_errors
@@ -54,14 +55,24 @@ def client(
     try:
         while True:  # a coordinator restart ends the SuperNode: reconnect, as often as needed
             preflight(cfg.coordinator, ca_cert, give_up_after=give_up_after, on_retry=retrying)
-            node = start_supernode(
-                coordinator=cfg.coordinator,
-                ca_cert=ca_cert,
-                runtime_port=cfg.runtime_port,
-                site_spec=spec_path,
-                home=cfg.state_dir / "flower",
-                node_key=node_key,
-            )
+            try:
+                node = start_supernode(
+                    coordinator=cfg.coordinator,
+                    ca_cert=ca_cert,
+                    runtime_port=cfg.runtime_port,
+                    site_spec=spec_path,
+                    home=cfg.state_dir / "flower",
+                    node_key=node_key,
+                )
+            except NodeRefused:  # also while a restarting coordinator has not yet listed its sites
+                quick_failures += 1
+                if quick_failures >= MAX_QUICK_FAILURES:
+                    raise
+                status(
+                    f"{cfg.site}: the coordinator refused this node's key; retrying in {REFUSED_WAIT_S:.0f} s"
+                )
+                time.sleep(REFUSED_WAIT_S)
+                continue
             status(
                 f"{cfg.site}: connected to {cfg.coordinator}; training when the coordinator "
                 f"asks (log: {node.log_path}); Ctrl-C to leave"
@@ -75,6 +86,8 @@ def client(
             crashed = node.popen.returncode != 0 and time.monotonic() - started < QUICK_EXIT_S
             quick_failures = quick_failures + 1 if crashed else 0
             if quick_failures >= MAX_QUICK_FAILURES:
+                if node_refused(node):
+                    raise NodeRefused(refusal_message(cfg.coordinator, node_key))
                 raise CheckFailed(
                     f"the SuperNode failed {quick_failures} times in a row within seconds of starting: "
                     f"{node.log_tail()} (log: {node.log_path})"

@@ -19,8 +19,9 @@ from pathlib import Path
 from fedglm.app_bundle import ALLOWED_ENV, fab_sha256
 from fedglm.clients.guard import write_clientapp_shim
 from fedglm.clients.site import SITE_KEY
-from fedglm.errors import InputError
+from fedglm.errors import CheckFailed, InputError
 from fedglm.flower import check_version
+from fedglm.nodes import NODE_PUB
 from fedglm.processes import (
     ManagedProcess,
     check_port_free,
@@ -122,7 +123,35 @@ def start_supernode(
     process = start(name, argv, env, home / "supernode.log")
     try:
         wait_healthy(process, f"http://127.0.0.1:{runtime_port}/health", ca_cert=None)
+    except CheckFailed:
+        process.stop()
+        if node_refused(process):
+            raise NodeRefused(refusal_message(coordinator, node_key)) from None
+        raise
     except BaseException:
         process.stop()
         raise
     return process
+
+
+REFUSED_MARK = "Failed to activate SuperNode"  # Flower's words when the SuperLink refuses a node key
+
+
+class NodeRefused(InputError):
+    """The coordinator's SuperLink refused this site's node key (not listed, or not yet registered)."""
+
+
+def node_refused(node: ManagedProcess) -> bool:
+    """True if the SuperNode's log records that the SuperLink refused its node key."""
+    try:
+        return REFUSED_MARK in node.log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def refusal_message(coordinator: str, node_key: Path | None) -> str:
+    public = node_key.with_name(NODE_PUB) if node_key is not None else NODE_PUB
+    return (
+        f"the coordinator {coordinator} refused this site's node key: send {public} to the coordinator, "
+        "who lists it under this site's name in coordinator.yaml (sites:) and restarts fedglm server"
+    )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,8 +25,10 @@ from flwr.proto.control_pb2 import ListRunsRequest
 
 from fedglm.certs import CertPaths
 from fedglm.clients.supernode import start_supernode
+from fedglm.corpus import write_generated_corpus
 from fedglm.errors import CheckFailed
 from fedglm.nodes import NODE_KEY, NODE_PUB, make_node_keys, read_node_public_key
+from fedglm.privacy.keys import make_keys
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.coordinator import admit_sites
 from fedglm.server.submit import ControlClient
@@ -95,11 +99,18 @@ def test_a_foreign_app_is_refused_and_never_runs(coordinator: int, certs: CertPa
 
 
 def test_only_listed_supernodes_connect(tmp_path: Path, certs: CertPaths) -> None:
-    """A SuperNode whose key the coordinator did not list cannot join, under any name."""
+    """A hospital whose node key the coordinator did not list cannot join, under any name:
+    `fedglm client` ends with exit 2 and says what to send the coordinator; a listed node joins."""
     port = free_port()
     tls = TLSFiles(certs.ca_cert, certs.server_cert, certs.server_key)
     make_node_keys(tmp_path / "listed")
-    make_node_keys(tmp_path / "rogue")
+    data = write_generated_corpus(tmp_path / "data", sites=1, records_per_site=20, seed=0)
+    (tmp_path / "rogue.yaml").write_text(
+        f"site: h1\ncoordinator: 127.0.0.1:{port}\nca_cert: {certs.ca_cert}\n"
+        f"runtime_port: {free_port()}\nstate_dir: rogue\ndata: {{path: {data[0]}, field: text}}\n"
+        "privacy: {sample_rate: 0.2, epsilon: 8.0}\n"
+    )
+    make_keys(tmp_path / "rogue", "ledger")
     spec = tmp_path / "site.json"
     spec.write_text("{}")
     processes: list[ManagedProcess] = []
@@ -112,24 +123,35 @@ def test_only_listed_supernodes_connect(tmp_path: Path, certs: CertPaths) -> Non
             certs.ca_cert,
             {"h1": read_node_public_key(tmp_path / "listed" / NODE_PUB, "key")},
         )
-        for who in ("rogue", "listed"):
-            processes.append(
-                start_supernode(
-                    coordinator=f"127.0.0.1:{port}",
-                    ca_cert=certs.ca_cert,
-                    runtime_port=free_port(),
-                    site_spec=spec,
-                    home=tmp_path / f"node-{who}",
-                    node_key=tmp_path / who / NODE_KEY,
-                )
-            )
-        rogue, listed = processes[1:]
+        rogue = subprocess.run(
+            [sys.executable, "-m", "fedglm", "client", "--config", "rogue.yaml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert rogue.returncode == 2, rogue.stderr
+        assert (
+            "refused this site's node key: send " in rogue.stderr and "/rogue/node.pub to the" in rogue.stderr
+        )
+        assert (
+            "[code: 2004] Failed to activate SuperNode"
+            in (tmp_path / "rogue/flower/supernode.log").read_text()
+        )
+        listed = start_supernode(
+            coordinator=f"127.0.0.1:{port}",
+            ca_cert=certs.ca_cert,
+            runtime_port=free_port(),
+            site_spec=spec,
+            home=tmp_path / "node-listed",
+            node_key=tmp_path / "listed" / NODE_KEY,
+        )
+        processes.append(listed)
         [node_id] = nodes
         joined = f"SuperNode ID: {node_id}"
         deadline = time.monotonic() + 60
-        while (rogue.alive() or joined not in listed.log_path.read_text()) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and joined not in listed.log_path.read_text():
             time.sleep(0.5)
-        assert not rogue.alive() and "[code: 2004] Failed to activate SuperNode" in rogue.log_path.read_text()
         assert listed.alive() and joined in listed.log_path.read_text()
     finally:
         for process in reversed(processes):
