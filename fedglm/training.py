@@ -20,6 +20,7 @@ from torch import nn
 
 from fedglm.config import Precision, TrainConfig
 from fedglm.data import IGNORE_INDEX, eval_windows
+from fedglm.models.causal import forward_logits
 
 ResolvedPrecision = Literal["fp32", "bf16", "fp16"]
 
@@ -117,7 +118,7 @@ def train_local(
         inputs, targets = next(batches)
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(precision, device):
-            logits = model(inputs)
+            logits = forward_logits(model, inputs)
         loss = lm_loss(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
@@ -164,7 +165,7 @@ def evaluate(
     for inputs, targets in eval_windows(records, seq_len=seq_len, batch_size=batch_size):
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(precision, device):
-            logits = model(inputs)
+            logits = forward_logits(model, inputs)
         total_nll += float(lm_loss(logits, targets, reduction="sum"))
         total_tokens += int((targets != IGNORE_INDEX).sum())
     n_bytes = sum(len(tokens) - 2 for tokens in records)

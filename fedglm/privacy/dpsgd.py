@@ -55,6 +55,7 @@ from torch import nn
 from fedglm.config import Precision
 from fedglm.data import IGNORE_INDEX, window_batch
 from fedglm.errors import InputError
+from fedglm.models.causal import forward_logits
 from fedglm.training import ResolvedPrecision, TrainStats, autocast, resolve_precision
 
 DPMode = Literal["hooks", "ghost"]
@@ -210,7 +211,7 @@ def _private_gradients(
     with every record whose gradient is not finite contributing zero; returns the records'
     losses (those of dropped records included)."""
     with autocast(precision, inputs.device):
-        logits = module(inputs)
+        logits = forward_logits(module, inputs)
     losses = per_record_loss(logits, targets)
     if isinstance(module, GradSampleModule):
         _hooks_backward(losses, params)
