@@ -3,7 +3,11 @@
 Nothing is downloaded. Each site is a hospital department with its own complaints, findings,
 medications and plans; 80 % of a site's notes come from its own specialty and 20 % from the
 others, so sites differ (non-IID) yet share a common note structure worth learning together.
-The output is a pure function of (sites, records_per_site, seed). All notes are fictional.
+The public text (`generate_public_records`: what `fedglm pretrain` trains the base on, and what
+the coordinator distills on) comes from a general-medicine clinic only: it teaches the note
+structure and everyday wording, while each department's vocabulary, findings and treatments are
+only in the sites' records, which is what the federation has to learn. The output is a pure
+function of its arguments. All notes are fictional.
 """
 
 from __future__ import annotations
@@ -214,6 +218,38 @@ SPECIALTIES: tuple[Specialty, ...] = (
     ),
 )
 
+GENERAL = Specialty(
+    "general medicine",
+    (
+        "fatigue",
+        "a sore throat",
+        "a cough for one week",
+        "headache",
+        "a routine check-up",
+    ),
+    (
+        "normal vital signs",
+        "a mildly red throat without exudate",
+        "clear lungs on auscultation",
+        "a soft and non-tender abdomen",
+        "no focal neurological deficit",
+    ),
+    (
+        "paracetamol 500 mg as needed",
+        "ibuprofen 400 mg with food",
+        "vitamin D 1000 units daily",
+        "a saline nasal spray",
+        "no new medication",
+    ),
+    (
+        "routine blood tests",
+        "rest and fluids",
+        "a follow-up visit in two weeks",
+        "advice on sleep and exercise",
+        "a flu vaccination",
+    ),
+)
+
 _OPENINGS = (
     "CHIEF COMPLAINT: {complaint}.",
     "REASON FOR VISIT: {complaint}.",
@@ -264,7 +300,7 @@ def write_generated_corpus(out_dir: Path, *, sites: int, records_per_site: int, 
 
 
 def generate_public_records(records: int, seed: int) -> list[str]:
-    """Public proxy text for the server (distillation, held-out checks): notes of every
-    specialty in equal shares, from a stream that no site's records are drawn from."""
+    """Public text for the coordinator (pretraining, distillation, held-out checks): notes of
+    the general-medicine clinic, from a stream that no site's records are drawn from."""
     rng = random.Random(f"fedglm-corpus/{seed}/public")
-    return [generate_note(rng.choice(SPECIALTIES), rng) for _ in range(records)]
+    return [generate_note(GENERAL, rng) for _ in range(records)]

@@ -1,4 +1,4 @@
-"""A site's records: reading them, splitting them, and turning them into byte-level batches.
+"""A site's records: reading them, splitting them, and turning their tokens into batches.
 
 A *record* is one patient note or one document. It is the unit of sampling (and, with DP, the
 unit of privacy): a training example is one window of one record, and a batch never holds two
@@ -6,6 +6,9 @@ windows of the same record. The train / validation split is by record and determ
 record's side depends only on its text and the split seed, not on file order.
 
 Sources: a CSV column, a JSONL field, or a folder of `.txt` files (one record each), all UTF-8.
+Records are tokenised by the model folder's tokenizer (`fedglm/models/tokenizer.py`), framed by
+BOS and EOS. Past a record's end, input positions hold `PAD_INPUT` and their targets are
+ignored: attention is causal, so what a padded position holds never reaches a real one.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from typing import Literal
 import torch
 
 from fedglm.errors import InputError
-from fedglm.model import BOS_ID, EOS_ID
 
 IGNORE_INDEX = -100
+PAD_INPUT = 0  # any valid token id: see the module docstring
 DataFormat = Literal["csv", "jsonl", "txt"]
 
 
@@ -147,9 +150,9 @@ def split_records(records: Sequence[str], val_fraction: float, seed: int) -> Sit
     return SiteData(train=train, val=val)
 
 
-def encode(text: str) -> list[int]:
-    """Byte-level tokens of one record, framed by BOS and EOS."""
-    return [BOS_ID, *text.encode("utf-8"), EOS_ID]
+def text_bytes(texts: Sequence[str]) -> int:
+    """UTF-8 bytes of `texts`: what bits per byte divides by, whatever the tokenizer."""
+    return sum(len(text.encode("utf-8")) for text in texts)
 
 
 def sample_batches(
@@ -170,7 +173,7 @@ def window_batch(
     records: Sequence[list[int]], picks: Sequence[int], *, seq_len: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets): one row per picked record, a random window of it (padded if short)."""
-    inputs = torch.full((len(picks), seq_len), EOS_ID, dtype=torch.long)
+    inputs = torch.full((len(picks), seq_len), PAD_INPUT, dtype=torch.long)
     targets = torch.full((len(picks), seq_len), IGNORE_INDEX, dtype=torch.long)
     for row, index in enumerate(picks):
         tokens = records[index]
@@ -195,7 +198,7 @@ def eval_windows(
             windows.append(tokens[start : start + seq_len + 1])
     for first in range(0, len(windows), batch_size):
         chunk = windows[first : first + batch_size]
-        inputs = torch.full((len(chunk), seq_len), EOS_ID, dtype=torch.long)
+        inputs = torch.full((len(chunk), seq_len), PAD_INPUT, dtype=torch.long)
         targets = torch.full((len(chunk), seq_len), IGNORE_INDEX, dtype=torch.long)
         for row, window in enumerate(chunk):
             n = len(window) - 1

@@ -5,9 +5,11 @@ setting): either a file named in the config (e.g. PubMedQA contexts or MedQuAD a
 `../shared/data/`) or clinical-style notes the project generates. It reads only the teacher (the
 aggregated, DP-trained model: post-processing) and public text, so it spends no privacy.
 
-The student (`make_student`) is cut from the teacher: `layers` of its blocks, evenly spaced
-with the first and last kept, each optionally narrowed further by the pruning criterion
-(`fedglm/pruning.py`); embedding, final norm and LM head are copied. `distill` then trains it
+The student (`make_student`) is a smaller model of the teacher's family, sharing its tokenizer,
+cut from the teacher: `layers` of its layers, evenly spaced with the first and last kept, each
+narrowed further by the pruning criterion (`fedglm/models/pruning.py`: the same count of heads
+in every KV group and of channels in every layer, so a standard config describes it);
+embeddings, final norm and LM head are copied. `distill` then trains it
 with Hinton's loss per token: alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE,
 AdamW with a linear warm-up and cosine decay.
 """
@@ -17,17 +19,22 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
 
 from fedglm.data import IGNORE_INDEX, sample_batches
-from fedglm.model import GLM
-from fedglm.pruning import Mask, choose_mask, slice_state
+from fedglm.models.causal import forward_logits
+from fedglm.models.families import family_of, shape_of
+from fedglm.models.lora import load_wire_state, wire_state
+from fedglm.models.pruning import Mask, choose_mask, pruned_config, slice_state
 from fedglm.training import ResolvedPrecision, autocast, lm_loss, warmup_cosine
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def student_layers(n_teacher: int, n_student: int) -> list[int]:
@@ -39,34 +46,32 @@ def student_layers(n_teacher: int, n_student: int) -> list[int]:
     return sorted({round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)})
 
 
-def make_student(teacher: GLM, *, layers: int, heads: float, channels: float) -> GLM:
-    """A student initialised from `layers` of the teacher's blocks, each keeping the most
-    important `1 - heads` of its heads and `1 - channels` of its channels."""
-    args = teacher.args
-    state = dict(teacher.state_dict())
-    # Narrow: the teacher's current widths count as whole, so fractions are of what it has.
-    whole = Mask.full(args)
-    narrow = choose_mask(state, args, whole, heads=heads, channels=channels, of_current=True)
-    state = slice_state(state, args, whole, narrow)
-    widths = narrow.shape(args)
-    keep = student_layers(args.n_layers, layers)
+def make_student(teacher: Any, *, layers: int, heads: float, channels: float) -> nn.Module:
+    """A student initialised from `layers` of the teacher's layers, each keeping the most
+    important `1 - heads` of the teacher's heads and `1 - channels` of its channels."""
+    config = teacher.config
+    family, shape = family_of(config), shape_of(config)
+    state = wire_state(teacher)
+    whole = Mask.full(shape)  # the teacher's current widths count as whole
+    narrow = choose_mask(state, shape, family, whole, heads=heads, channels=channels)
+    state = slice_state(state, shape, family, whole, narrow)
+    keep = student_layers(shape.layers, layers)
     renumber = {old: new for new, old in enumerate(keep)}
     student_state = {}
     for name, tensor in state.items():
-        match = _BLOCK.match(name)
+        match = _LAYER.match(name)
         if match is None:
             student_state[name] = tensor.clone()
         elif int(match.group(1)) in renumber:
             new = renumber[int(match.group(1))]
-            student_state[_BLOCK.sub(f"blocks.{new}.", name, count=1)] = tensor.clone()
-    student_args = replace(
-        args,
-        n_layers=len(keep),
-        layer_heads=tuple(widths.heads(i) for i in keep),
-        layer_ff=tuple(widths.ff(i) for i in keep),
-    )
-    student = GLM(student_args)
-    student.load_state_dict(student_state)
+            student_state[_LAYER.sub(f"model.layers.{new}.", name, count=1)] = tensor.clone()
+    student_config = pruned_config(config, narrow)
+    student_config.num_hidden_layers = len(keep)
+    if getattr(student_config, "layer_types", None) is not None:
+        student_config.layer_types = [student_config.layer_types[i] for i in keep]
+    with torch.random.fork_rng(devices=[]):  # its random initial values are overwritten
+        student: nn.Module = AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
+    load_wire_state(student, student_state)
     return student
 
 
@@ -78,8 +83,8 @@ class DistillStats:
 
 
 def distill(
-    teacher: GLM,
-    student: GLM,
+    teacher: nn.Module,
+    student: nn.Module,
     records: Sequence[list[int]],
     *,
     steps: int,
@@ -100,7 +105,7 @@ def distill(
     batches = sample_batches(
         records,
         batch_size=batch_size,
-        seq_len=min(seq_len, student.args.max_seq_len),
+        seq_len=seq_len,
         generator=torch.Generator().manual_seed(seed),
     )
     tail: list[float] = []
@@ -109,9 +114,9 @@ def distill(
         inputs, targets = next(batches)
         inputs, targets = inputs.to(device), targets.to(device)
         with torch.no_grad(), autocast(precision, device):
-            teacher_logits = teacher(inputs)
+            teacher_logits = forward_logits(teacher, inputs)
         with autocast(precision, device):
-            student_logits = student(inputs)
+            student_logits = forward_logits(student, inputs)
         loss = distillation_loss(
             student_logits, teacher_logits, targets, temperature=temperature, alpha=alpha
         )

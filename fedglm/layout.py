@@ -10,12 +10,14 @@ A run folder (`fedglm server`'s `out_dir`, `fedglm simulate`'s `--out`):
     receipt.key / .pub   the coordinator's key that countersigns ledgers (made on first start)
     receipts/<site>.jsonl  every receipt the coordinator signed
     ledgers/<site>.jsonl   every ledger line it countersigned
-    base.json            the base model's manifest, copied from the base folder
+    base.json            the base model's manifest (`fedglm pretrain`), copied from the base folder
     SIMULATION           marks a folder `fedglm simulate` made (`simulate.py`)
-    release/             distill.json, export.json, teacher.pt, student.pt, model*.onnx,
-                         model.plan, MODEL_CARD.md, model_card.json (`release.py`, `modelcard.py`)
+    release/             teacher/ and model/ (Hugging Face folders: the final global model and
+                         the served one), distill.json, export.json, model*.onnx, model.plan,
+                         MODEL_CARD.md, model_card.json (`release.py`, `modelcard.py`)
 
-A base folder (`fedglm pretrain`'s `out_dir`): `base.pt`, `base.json`, `pretrain-state.pt`.
+`fedglm pretrain`'s `out_dir`: `model/` (the base: a Hugging Face folder with the manifest
+`fedglm-base.json` inside) and `pretrain-state.pt`.
 A site's state folder has its own layout (`privacy/site.py`, `clients/state.py`).
 """
 
@@ -32,16 +34,22 @@ RECEIPTS_DIR = "receipts"
 LEDGER_COPIES = "ledgers"
 SIMULATION_MARK = "SIMULATION"
 
-BASE_FILE = "base.pt"
-MANIFEST_FILE = "base.json"  # in the base folder, and copied into the run folder
+BASE_MODEL_DIR = "model"  # in pretrain's out_dir
+BASE_MANIFEST = "fedglm-base.json"  # inside a base folder made by fedglm pretrain
+MANIFEST_FILE = "base.json"  # the base's manifest, copied into the run folder
 PRETRAIN_STATE_FILE = "pretrain-state.pt"
 
 RELEASE_DIR = "release"
 DISTILL_REPORT = "distill.json"
 EXPORT_REPORT = "export.json"
-TEACHER_FILE = "teacher.pt"
-STUDENT_FILE = "student.pt"
-ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+TEACHER_DIR = "teacher"  # the final (pruned) global model, a Hugging Face folder
+SERVED_DIR = "model"  # the served model (the student, else the teacher), a Hugging Face folder
+ONNX_FILES = {
+    "fp32": "model.onnx",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+    "cache": "model.kv.onnx",  # one decoding step with a KV cache (`fedglm generate`)
+}
 ENGINE_FILE = "model.plan"
 CARD_MD = "MODEL_CARD.md"
 CARD_JSON = "model_card.json"

@@ -36,11 +36,12 @@ from fedglm.layout import (
     SPEC_NAME,
 )
 from fedglm.layout import MANIFEST_FILE as BASE_MANIFEST
-from fedglm.model import GLM, describe
+from fedglm.models.base import BaseModel, meta_model
+from fedglm.models.families import describe
+from fedglm.models.pruning import Mask, pruned_config
 from fedglm.privacy.audit import dp_accounting_epsilon
 from fedglm.privacy.ledger import parse_ledger
 from fedglm.privacy.site import history
-from fedglm.pruning import Mask
 from fedglm.reports import DistillReport, ExportReport, read_report
 from fedglm.server.checkpoint import load_checkpoint
 
@@ -110,15 +111,21 @@ def read_run_spec(run_dir: Path) -> RunSpec:
 
 def build_card(run_dir: Path) -> dict[str, Any]:
     fed = read_run_spec(run_dir).federation
-    args = fed.model.glm_args()
+    if fed.base is None:
+        raise InputError(f"{run_dir}: its run spec names no base model folder")
+    base = BaseModel.open(fed.base)
     checkpoint = load_checkpoint(run_dir)
-    mask = Mask.from_json(checkpoint.mask, args) if checkpoint and checkpoint.mask else Mask.full(args)
+    mask = (
+        Mask.from_json(checkpoint.mask, base.shape)
+        if checkpoint and checkpoint.mask
+        else Mask.full(base.shape)
+    )
     rows = metrics.read_rows(run_dir)
     last = rows[-1] if rows else {}
     distilled = read_report(run_dir / RELEASE_DIR, DistillReport)
     exported = read_report(run_dir / RELEASE_DIR, ExportReport)
     return {
-        "model": "fedglm byte-level GLM-style decoder (RMSNorm, rotary attention, SwiGLU)",
+        "model": f"{base.family.architecture} (Hugging Face transformers), fine-tuned by fedglm",
         "federation": {
             "rounds_finished": checkpoint.round if checkpoint else 0,
             "rounds_planned": fed.rounds,
@@ -126,11 +133,11 @@ def build_card(run_dir: Path) -> dict[str, Any]:
             "downlink": fed.compression.downlink.model_dump(),
             "pruning_schedule": [s.model_dump() for s in fed.pruning.schedule],
         },
-        "base_model": _base_model(run_dir, fed.base),
+        "base_model": _base_model(run_dir, base),
         "fine_tuning": _fine_tuning(fed.train),
         "architecture": {
-            "configured": describe(GLM(args)),
-            "pruned": describe(GLM(mask.shape(args))),
+            "configured": describe(meta_model(base.config)),
+            "pruned": describe(meta_model(pruned_config(base.config, mask))),
             "student": distilled.student.model_dump(include={"parameters", "layers", "heads", "ffn_channels"})
             if distilled
             else None,
@@ -162,16 +169,15 @@ def build_card(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _base_model(run_dir: Path, base: Path | None) -> dict[str, Any] | None:
-    """The provenance of the run's base model, from the manifest copy in the run folder."""
-    if base is None:
-        return None
+def _base_model(run_dir: Path, base: BaseModel) -> dict[str, Any]:
+    """The run's base model; its provenance from the `fedglm pretrain` manifest copied into the
+    run folder, when it has one (a downloaded checkpoint has none)."""
     manifest = _json(run_dir / BASE_MANIFEST)
     if manifest is None:
-        return {"path": str(base), "manifest": "missing from the run folder"}
+        return {"path": str(base.folder), "hash": base.hash, "manifest": "none (not made by fedglm pretrain)"}
     return {
-        "path": str(base),
-        "hash": manifest["model_hash"],
+        "path": str(base.folder),
+        "hash": manifest["folder_hash"],
         "public_data_only": manifest["public_data_only"],
         "inputs": manifest["inputs"],
         "steps": manifest["steps"],
@@ -186,7 +192,8 @@ def _fine_tuning(train: TrainConfig) -> dict[str, Any]:
         "method": "lora: only adapters trained and sent, merged into the weights after the run",
         "rank": train.lora_rank,
         "alpha": train.lora_alpha,
-        "targets": list(train.lora_targets),
+        "targets": list(train.lora_targets) if train.lora_targets else "every projection",
+        "aggregation": "A frozen (drawn from the run's seed), B trained and averaged: exact",
     }
 
 

@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 
 from fedglm.compression.wire import PayloadError
+from fedglm.models.lora import wire_state
 
 __all__ = ["PayloadError"]
 
@@ -85,12 +86,13 @@ def site_text(value: object) -> str:
 
 
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    """Names (as on the wire, `models/lora.wire_state`) and shapes of the model's tensors."""
+    return {name: tuple(t.shape) for name, t in wire_state(model).items()}
 
 
 def state_record(model: nn.Module) -> ArrayRecord:
-    """The model's weights as an ArrayRecord of fp32 tensors (on the CPU)."""
-    return ArrayRecord({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    """The model's weights as an ArrayRecord of fp32 tensors (on the CPU), under wire names."""
+    return ArrayRecord({k: v.float().cpu() for k, v in wire_state(model).items()})
 
 
 def read_state(content: RecordDict, expected: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

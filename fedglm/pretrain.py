@@ -5,19 +5,21 @@ at epsilon 3-8, while DP training from random weights spends most of the budget 
 language. So a federation starts from a base model, and the base's provenance (it saw only
 public data) is part of what the model card states.
 
-Training uses the sites' training function (`training.train_local`: mixed precision, gradient
-clipping) on windows of the public records, with AdamW and a warm-up + cosine schedule.
+First a byte-level BPE tokenizer is trained on the public training records
+(`models/tokenizer.py`), then a GLM-4 model of the configured preset (`models/presets.py`) with
+the sites' training function (`training.train_local`: mixed precision, gradient clipping) on
+windows of the public records, with AdamW and a warm-up + cosine schedule.
 
 Files in `out_dir`:
-- `pretrain-state.pt`: model, optimizer, schedule, the sampler's random state and the step,
-  replaced atomically every `checkpoint_every` steps. Restarting with the same config resumes
-  from it, and ends with exactly the weights an uninterrupted run ends with; a state left by
-  another config is refused, never mixed in.
-- `base.pt`: the base model (`model.save_model`).
-- `base.json`, the manifest: the model config, the base's hash (SHA-256 of its weights as
-  payload headers compute it: what the coordinator announces and a site may pin), the SHA-256
-  of every input file (or the generator's settings), the training settings, the steps, and the
-  final held-out loss and bits per byte.
+- `pretrain-state.pt`: model, optimizer, schedule, the sampler's random state, the step and the
+  tokenizer, replaced atomically every `checkpoint_every` steps. Restarting with the same config
+  resumes from it, and ends with exactly the weights an uninterrupted run ends with; a state left
+  by another config is refused, never mixed in.
+- `model/`: the base, a standard Hugging Face folder (`AutoModelForCausalLM.from_pretrained`
+  and `AutoTokenizer.from_pretrained` load it), with `fedglm-base.json` inside, the manifest:
+  the preset, the folder's hash (what the coordinator announces and sites check their copy
+  against), the SHA-256 of every input file (or the generator's settings), the training
+  settings, the steps, and the final held-out loss and bits per byte.
 """
 
 from __future__ import annotations
@@ -32,15 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
+from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 from fedglm.atomic import atomic_write, atomic_write_text
-from fedglm.compression import model_hash
-from fedglm.config import DataConfig, FederationConfig, ModelConfig, PretrainConfig, validate_config
+from fedglm.config import DataConfig, PretrainConfig
 from fedglm.corpus import generate_public_records
-from fedglm.data import encode, infer_format, load_records, sample_batches, split_records
+from fedglm.data import infer_format, load_records, sample_batches, split_records, text_bytes
 from fedglm.errors import InputError
-from fedglm.layout import BASE_FILE, MANIFEST_FILE, PRETRAIN_STATE_FILE
-from fedglm.model import GLM, build_model, count_parameters, load_model, save_model
+from fedglm.layout import BASE_MANIFEST, BASE_MODEL_DIR, PRETRAIN_STATE_FILE
+from fedglm.models.folder import folder_hash, save_folder
+from fedglm.models.presets import build_glm4, glm4_config
+from fedglm.models.tokenizer import BOS, EOS, encode_records, train_tokenizer
 from fedglm.training import (
     EvalStats,
     ResolvedPrecision,
@@ -51,8 +57,8 @@ from fedglm.training import (
     warmup_cosine,
 )
 
-MANIFEST_FORMAT = "fedglm-base/1"
-STATE_FORMAT = "fedglm-pretrain/1"
+MANIFEST_FORMAT = "fedglm-base/2"
+STATE_FORMAT = "fedglm-pretrain/2"
 EVAL_RECORDS = 256  # held-out records measured at each checkpoint (the first, in split order)
 
 
@@ -62,8 +68,8 @@ class OtherConfigState(InputError):
 
 @dataclass(frozen=True)
 class PublicCorpus:
-    train: list[list[int]]
-    val: list[list[int]]
+    train: list[str]
+    val: list[str]
     sources: list[dict[str, Any]]  # what the manifest records of each input
 
 
@@ -94,7 +100,7 @@ def _source(data: DataConfig) -> tuple[list[str], list[str], dict[str, Any]]:
 
 
 def public_corpus(cfg: PretrainConfig) -> PublicCorpus:
-    """The configured public records (or generated notes), encoded, split by record."""
+    """The configured public records (or generated notes), split by record."""
     train: list[str] = []
     val: list[str] = []
     sources: list[dict[str, Any]] = []
@@ -108,7 +114,7 @@ def public_corpus(cfg: PretrainConfig) -> PublicCorpus:
         train += more_train
         val += more_val
         sources.append(info)
-    return PublicCorpus([encode(t) for t in train], [encode(t) for t in val], sources)
+    return PublicCorpus(train, val, sources)
 
 
 def _fingerprint(cfg: PretrainConfig, corpus: PublicCorpus) -> str:
@@ -137,13 +143,24 @@ def pretrain(
     device = _device()
     precision = resolve_precision(cfg.precision, device)
     fingerprint = _fingerprint(cfg, corpus)
-    model = build_model(cfg.model.glm_args(), cfg.model.init_seed).to(device)
+    saved = _load_state(cfg.out_dir, fingerprint) if cfg.resume else None
+    if saved is not None:
+        tokenizer = _wrap(Tokenizer.from_str(saved["tokenizer"]))
+    else:
+        tokenizer = train_tokenizer(corpus.train, cfg.model.vocab_size)
+    config = glm4_config(
+        cfg.model.preset,
+        vocab_size=len(tokenizer),
+        bos_token_id=int(tokenizer.bos_token_id),
+        eos_token_id=int(tokenizer.eos_token_id),
+    )
+    model = build_glm4(config, cfg.model.init_seed).to(device)
+    train_ids = encode_records(tokenizer, corpus.train)
     optimizer = make_optimizer(model, name="adamw", lr=cfg.lr, momentum=0.0, weight_decay=cfg.weight_decay)
     schedule = warmup_cosine(optimizer, warmup=cfg.warmup_steps, steps=cfg.steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     step = 0
     history: list[dict[str, float]] = []
-    saved = _load_state(cfg.out_dir, fingerprint) if cfg.resume else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -151,13 +168,14 @@ def pretrain(
         generator.set_state(saved["generator"])
         step, history = int(saved["step"]), list(saved["history"])
     held_out = corpus.val[:EVAL_RECORDS]
+    held_ids = encode_records(tokenizer, held_out)
     numbers = itertools.count(step + 1)
     report = None if on_step is None else (lambda loss: on_step(next(numbers), loss))
     while step < cfg.steps:
         chunk = min(cfg.checkpoint_every, cfg.steps - step)
         stats = train_local(
             model,
-            sample_batches(corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len, generator=generator),
+            sample_batches(train_ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len, generator=generator),
             optimizer=optimizer,
             steps=chunk,
             precision=precision,
@@ -167,20 +185,23 @@ def pretrain(
             on_step=report,
         )
         step += chunk
-        val = _held_out(model, held_out, cfg, precision, device)
+        val = _held_out(model, held_ids, text_bytes(held_out), cfg, precision, device)
         history.append({"step": step, "train_loss": stats.loss, "val_loss": val.loss})
-        _save_state(cfg.out_dir, fingerprint, step, model, optimizer, schedule, generator, history)
+        _save_state(cfg.out_dir, fingerprint, step, model, optimizer, schedule, generator, history, tokenizer)
         if on_checkpoint is not None:
             on_checkpoint(step, val)
     model = model.cpu().eval()
     cpu = torch.device("cpu")
-    final = _held_out(model, held_out, cfg, resolve_precision(cfg.precision, cpu), cpu)
-    save_model(cfg.out_dir / BASE_FILE, model)
+    final = _held_out(model, held_ids, text_bytes(held_out), cfg, resolve_precision(cfg.precision, cpu), cpu)
+    folder = cfg.out_dir / BASE_MODEL_DIR
+    save_folder(model, tokenizer, folder)
     manifest = {
         "format": MANIFEST_FORMAT,
         "model": cfg.model.model_dump(mode="json"),
-        "parameters": count_parameters(model),
-        "model_hash": model_hash(model.state_dict()).hex(),
+        "architecture": "Glm4ForCausalLM",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "folder_hash": folder_hash(folder),
         "public_data_only": True,
         "inputs": corpus.sources,
         "training": cfg.model_dump(mode="json", exclude={"model", "text", "out_dir", "resume"}),
@@ -191,29 +212,43 @@ def pretrain(
         "history": history,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    atomic_write_text(cfg.out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(folder / BASE_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
+def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=EOS)
+
+
 def _held_out(
-    model: GLM,
+    model: nn.Module,
     records: list[list[int]],
+    n_bytes: int,
     cfg: PretrainConfig,
     precision: ResolvedPrecision,
     device: torch.device,
 ) -> EvalStats:
-    return evaluate(model, records, seq_len=cfg.seq_len, batch_size=32, precision=precision, device=device)
+    return evaluate(
+        model,
+        records,
+        seq_len=cfg.seq_len,
+        batch_size=32,
+        precision=precision,
+        device=device,
+        n_bytes=n_bytes,
+    )
 
 
 def _save_state(
     out_dir: Path,
     fingerprint: str,
     step: int,
-    model: GLM,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator,
     history: list[dict[str, float]],
+    tokenizer: PreTrainedTokenizerFast,
 ) -> None:
     payload = {
         "format": STATE_FORMAT,
@@ -224,6 +259,7 @@ def _save_state(
         "schedule": schedule.state_dict(),
         "generator": generator.get_state(),
         "history": history,
+        "tokenizer": tokenizer.backend_tokenizer.to_str(),
     }
     atomic_write(out_dir / PRETRAIN_STATE_FILE, lambda handle: torch.save(payload, handle))
 
@@ -247,62 +283,21 @@ def _load_state(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     return payload
 
 
-@dataclass(frozen=True)
-class Base:
-    """A base model and its manifest, checked against each other."""
-
-    model: GLM
-    manifest: dict[str, Any]
-    hash: str  # hex SHA-256 of the weights (`compression.model_hash`)
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.model_validate(self.manifest["model"])
-
-
-def load_base(path: Path) -> Base:
-    """`base.pt` (or the folder holding it) with its `base.json`; an `InputError` if either is
-    missing, unreadable, or if the weights do not hash to what the manifest records."""
-    if path.is_dir():
-        path = path / BASE_FILE
-    manifest_path = path.with_name(MANIFEST_FILE)
-    if not manifest_path.is_file():
-        raise InputError(
-            f"base model {path}: no manifest {manifest_path} beside it (made by fedglm pretrain)"
-        )
+def read_base_manifest(folder: Path) -> dict[str, Any] | None:
+    """The `fedglm pretrain` manifest inside a base folder, if it has one and it describes this
+    folder (its recorded hash is the folder's); None for a checkpoint from elsewhere."""
+    path = folder / BASE_MANIFEST
+    if not path.is_file():
+        return None
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"format {manifest.get('format') if isinstance(manifest, dict) else None!r}")
-        recorded = str(manifest["model_hash"])
-        ModelConfig.model_validate(manifest["model"])
-    except Exception as exc:
-        raise InputError(f"{manifest_path}: not a fedglm base manifest ({exc})") from None
-    model = load_model(path)
-    actual = model_hash(model.state_dict()).hex()
-    if actual != recorded:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise InputError(f"{path}: unreadable base manifest; delete it or pretrain again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise InputError(f"{path}: not a fedglm base manifest (format {MANIFEST_FORMAT})")
+    if manifest.get("folder_hash") != folder_hash(folder):
         raise InputError(
-            f"base model {path} hashes to {actual[:16]}..., its manifest records {recorded[:16]}...: "
-            "the file was changed or replaced; use the base.pt written with this manifest"
+            f"{path} records another folder hash than {folder}'s: the model or tokenizer files were "
+            "changed after pretraining; restore them or pretrain again"
         )
-    return Base(model, manifest, actual)
-
-
-def federation_from_base(fed: FederationConfig) -> FederationConfig:
-    """`fed` with the model shape of its base (if it names one); an `InputError` if the config
-    also states another shape."""
-    if fed.base is None:
-        return fed
-    base = load_base(fed.base)
-    shape = base.model_config
-    if "model" in fed.model_fields_set and fed.model.glm_args() != shape.glm_args():
-        raise InputError(
-            f"federation.model ({_shape(fed.model)}) is not the shape of the base model {fed.base} "
-            f"({_shape(shape)}); remove federation.model to take the base's shape"
-        )
-    data = {**fed.model_dump(), "model": shape.model_dump()}
-    return validate_config(data, FederationConfig, source=f"federation with base {fed.base}")
-
-
-def _shape(model: ModelConfig) -> str:
-    return f"d_model {model.d_model}, {model.n_layers} layers, {model.n_heads} heads, d_ff {model.d_ff}"
+    return manifest

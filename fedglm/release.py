@@ -6,8 +6,9 @@ last round when their config has a `release` section. Everything reads the run f
 text only; nothing here touches a site's records or spends privacy.
 
 Files in `<run>/release/`:
-- `teacher.pt`: the final (pruned) global model; `student.pt`: the distilled student;
-  `distill.json`: both models' shapes and held-out loss and bits per byte.
+- `teacher/`: the final (pruned) global model, LoRA merged, as a Hugging Face folder with the
+  base's tokenizer; `model/`: the served model (the distilled student, else the teacher), the
+  same way; `distill.json`: both models' shapes and held-out loss and bits per byte.
 - `model.onnx` (fp32), `model.int8.onnx`, `model.fp16.onnx`, `model.plan` (TensorRT);
   `export.json`: which model was exported, each file's size, parity and held-out bits per byte.
 - `MODEL_CARD.md` and `model_card.json` (`fedglm/modelcard.py`), rewritten after each step.
@@ -19,42 +20,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from fedglm.config import ReleaseConfig
 from fedglm.corpus import generate_public_records
-from fedglm.data import SiteData, encode, load_records, split_records
+from fedglm.data import SiteData, load_records, split_records, text_bytes
 from fedglm.distill import distill, make_student
 from fedglm.errors import CheckFailed, InputError
-from fedglm.export.onnx import OnnxLM, check_parity, convert_fp16, export_onnx, quantize_int8
-from fedglm.layout import (
-    ENGINE_FILE,
-    ONNX_FILES,
-    RELEASE_DIR,
-    STUDENT_FILE,
-    TEACHER_FILE,
-)
-from fedglm.lora import merge_adapters
-from fedglm.model import GLM, count_parameters, describe, load_model, save_model
+from fedglm.export.causal_onnx import export_logits, export_with_cache
+from fedglm.export.onnx import OnnxLM, check_parity, convert_fp16, quantize_int8
+from fedglm.layout import DISTILL_REPORT, ENGINE_FILE, ONNX_FILES, RELEASE_DIR, SERVED_DIR, TEACHER_DIR
 from fedglm.modelcard import read_run_spec, write_card
-from fedglm.pruning import Mask
+from fedglm.models.base import BaseModel
+from fedglm.models.families import describe
+from fedglm.models.folder import load_model, load_tokenizer, save_folder
+from fedglm.models.lora import merge_adapters
+from fedglm.models.pruning import Mask
+from fedglm.models.tokenizer import encode_records
 from fedglm.reports import DistillReport, ExportedFile, ExportReport, Parity, ScoredModel, write_report
 from fedglm.server.checkpoint import load_checkpoint
 from fedglm.training import EvalStats, evaluate
 
 
-def final_model(run_dir: Path) -> GLM:
+def run_base(run_dir: Path) -> BaseModel:
+    """The run's base folder (the coordinator's copy, named in the run spec)."""
+    base = read_run_spec(run_dir).federation.base
+    if base is None:
+        raise InputError(f"{run_dir}: its run spec names no base model folder")
+    return BaseModel.open(base)
+
+
+def final_model(run_dir: Path) -> PreTrainedModel:
     """The run's last global model, sliced as pruning left it (LoRA adapters merged in)."""
     spec = read_run_spec(run_dir)
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is None:
         raise InputError(f"{run_dir} has no checkpoint: no round has finished yet")
+    base = run_base(run_dir)
     fed = spec.federation
-    args = fed.model.glm_args()
-    mask = Mask.from_json(checkpoint.mask, args) if checkpoint.mask else Mask.full(args)
-    lora = fed.train.lora_spec(fed.model.init_seed)
-    model = GLM(mask.shape(args))
-    model.load_state_dict(checkpoint.state if lora is None else merge_adapters(checkpoint.state, lora.scale))
-    return model.eval()
+    mask = Mask.from_json(checkpoint.mask, base.shape) if checkpoint.mask else Mask.full(base.shape)
+    lora = fed.train.lora_spec(fed.model.init_seed, base.family)
+    state = checkpoint.state if lora is None else merge_adapters(checkpoint.state, lora.scale)
+    return base.empty(lora=None, mask=mask, state=state).eval()
 
 
 def public_text(cfg: ReleaseConfig) -> SiteData:
@@ -69,7 +76,7 @@ def public_text(cfg: ReleaseConfig) -> SiteData:
     return split_records(records, source.data.val_fraction, source.data.split_seed)
 
 
-def held_out(model: torch.nn.Module, records: list[list[int]], seq_len: int) -> EvalStats:
+def held_out(model: torch.nn.Module, records: list[list[int]], seq_len: int, n_bytes: int) -> EvalStats:
     """Loss and bits per byte of `model` (torch or `OnnxLM`) on `records`, fp32 on the CPU."""
     return evaluate(
         model,
@@ -78,6 +85,7 @@ def held_out(model: torch.nn.Module, records: list[list[int]], seq_len: int) -> 
         batch_size=16,
         precision="fp32",
         device=torch.device("cpu"),
+        n_bytes=n_bytes,
     )
 
 
@@ -92,17 +100,19 @@ def run_distill(run_dir: Path, cfg: ReleaseConfig) -> DistillReport:
     d = cfg.distill
     folder = run_dir / RELEASE_DIR
     teacher = final_model(run_dir)
-    layers = d.layers or max(1, teacher.args.n_layers // 2)
-    if layers > teacher.args.n_layers:
-        raise InputError(f"distill.layers = {layers}: the teacher has only {teacher.args.n_layers} layers")
+    tokenizer = run_base(run_dir).tokenizer()
+    n_layers = int(teacher.config.num_hidden_layers)
+    layers = d.layers or max(1, n_layers // 2)
+    if layers > n_layers:
+        raise InputError(f"distill.layers = {layers}: the teacher has only {n_layers} layers")
     text = public_text(cfg)
-    held = [encode(t) for t in text.val]
+    held, held_bytes = encode_records(tokenizer, text.val), text_bytes(text.val)
     student = make_student(teacher, layers=layers, heads=d.heads, channels=d.channels)
-    seq_len = min(d.seq_len, teacher.args.max_seq_len)
+    seq_len = min(d.seq_len, int(teacher.config.max_position_embeddings))
     stats = distill(
         teacher,
         student,
-        [encode(t) for t in text.train],
+        encode_records(tokenizer, text.train),
         steps=d.steps,
         batch_size=d.batch_size,
         seq_len=seq_len,
@@ -113,13 +123,13 @@ def run_distill(run_dir: Path, cfg: ReleaseConfig) -> DistillReport:
         device=torch.device("cpu"),
         seed=d.seed,
     )
-    save_model(folder / TEACHER_FILE, teacher)
-    save_model(folder / STUDENT_FILE, student)
+    save_folder(teacher, tokenizer, folder / TEACHER_DIR)
+    save_folder(student, tokenizer, folder / SERVED_DIR)
     report = DistillReport(
         public_text=_text_source(cfg),
         held_out_records=len(text.val),
-        teacher=ScoredModel(**describe(teacher), **_scores(held_out(teacher, held, seq_len))),
-        student=ScoredModel(**describe(student), **_scores(held_out(student, held, seq_len))),
+        teacher=ScoredModel(**describe(teacher), **_scores(held_out(teacher, held, seq_len, held_bytes))),
+        student=ScoredModel(**describe(student), **_scores(held_out(student, held, seq_len, held_bytes))),
         settings=d.model_dump(),
         final_loss=stats.loss,
         seconds=round(stats.seconds, 2),
@@ -136,12 +146,15 @@ def _text_source(cfg: ReleaseConfig) -> str:
     return f"{data.path}" + (f" ({data.field})" if data.field else "")
 
 
-def served_model(run_dir: Path) -> tuple[str, GLM]:
-    """What export serves: the student if there is one, else the final (pruned) model."""
+def served_model(run_dir: Path) -> tuple[str, PreTrainedModel]:
+    """What export serves: the student if there is one, else the final (pruned) model, which
+    is then written as the served folder too."""
     folder = run_dir / RELEASE_DIR
-    if (folder / STUDENT_FILE).exists():
-        return "student", load_model(folder / STUDENT_FILE)
-    return "pruned global model", final_model(run_dir)
+    if (folder / DISTILL_REPORT).exists() and (folder / SERVED_DIR).is_dir():
+        return "student", load_model(folder / SERVED_DIR).eval()
+    model = final_model(run_dir)
+    save_folder(model, run_base(run_dir).tokenizer(), folder / SERVED_DIR)
+    return "pruned global model", model
 
 
 def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> ExportReport:
@@ -154,10 +167,12 @@ def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> ExportR
     folder = run_dir / RELEASE_DIR
     which, model = served_model(run_dir)
     text = public_text(cfg)
-    records = [encode(t) for t in text.val]
-    seq_len = model.args.max_seq_len
+    records = encode_records(load_tokenizer(folder / SERVED_DIR), text.val)
+    n_bytes = text_bytes(text.val)
+    seq_len = min(cfg.export.seq_len, int(model.config.max_position_embeddings))
     fp32 = folder / ONNX_FILES["fp32"]
-    export_onnx(model, fp32, max_batch=e.max_batch)
+    export_logits(model, fp32, max_batch=e.max_batch)
+    export_with_cache(model, folder / ONNX_FILES["cache"], max_batch=e.max_batch)  # for fedglm generate
     variants = {"fp32": fp32}
     if e.int8:
         quantize_int8(fp32, folder / ONNX_FILES["int8"])
@@ -175,7 +190,7 @@ def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> ExportR
             max_abs_logit_diff=parity.max_abs_diff,
             next_token_agreement=parity.agreement,
             parity_tokens=parity.tokens,
-            held_out_bits_per_byte=held_out(session, records, seq_len).bits_per_byte,
+            held_out_bits_per_byte=held_out(session, records, seq_len, n_bytes).bits_per_byte,
         )
     reference = files["fp32"]
     assert reference.max_abs_logit_diff is not None and reference.next_token_agreement is not None
@@ -190,8 +205,8 @@ def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> ExportR
         )
     report = ExportReport(
         model=which,
-        parameters=count_parameters(model),
-        torch_held_out_bits_per_byte=held_out(model, records, seq_len).bits_per_byte,
+        parameters=sum(p.numel() for p in model.parameters()),
+        torch_held_out_bits_per_byte=held_out(model, records, seq_len, n_bytes).bits_per_byte,
         files=files,
         parity=Parity(atol=e.parity_atol, min_agreement=e.parity_agreement, passed=passed),
     )

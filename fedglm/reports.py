@@ -22,8 +22,9 @@ class _Report(BaseModel):
 
 
 class ScoredModel(_Report):
-    """A model's shape (`model.describe`) and its held-out scores on public text."""
+    """A model's shape (`models.families.describe`) and its held-out scores on public text."""
 
+    architecture: str
     parameters: int
     layers: int
     d_model: int

@@ -24,9 +24,9 @@ from fedglm.clients.supernode import start_supernode
 from fedglm.config import DataConfig, FederationConfig, PretrainConfig, ShareConfig, SimulateConfig, SiteSpec
 from fedglm.corpus import write_generated_corpus
 from fedglm.errors import InputError, check_out_folder
-from fedglm.layout import BASE_FILE, SIMULATION_MARK, SPEC_NAME
+from fedglm.layout import BASE_MODEL_DIR, SIMULATION_MARK, SPEC_NAME
 from fedglm.nodes import NODE_PUB, ensure_node_keys, read_node_public_key
-from fedglm.pretrain import OtherConfigState, federation_from_base, pretrain
+from fedglm.pretrain import OtherConfigState, pretrain
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
@@ -68,7 +68,8 @@ def keep_earlier_run(out_dir: Path, on_status: Callable[[str], None]) -> None:
 
 
 def simulated_sites(config: SimulateConfig, out_dir: Path) -> list[SiteSpec]:
-    """The sites of a simulation; each keeps its state under `<out>/sites/<name>/state` unless set."""
+    """The sites of a simulation; each keeps its state under `<out>/sites/<name>/state` unless
+    set (the base folder is given them once it exists: `with_base`)."""
     if config.sites is not None:
         sites = list(config.sites)
     else:
@@ -92,6 +93,11 @@ def simulated_sites(config: SimulateConfig, out_dir: Path) -> list[SiteSpec]:
         else site.model_copy(update={"state_dir": out_dir / "sites" / site.name / "state"})
         for site in sites
     ]
+
+
+def with_base(sites: list[SiteSpec], base: Path | None) -> list[SiteSpec]:
+    """Each site fine-tunes the federation's base folder, unless it names its own copy."""
+    return [site if site.base is not None else site.model_copy(update={"base": base}) for site in sites]
 
 
 def ensure_signing_keys(sites: list[SiteSpec]) -> None:
@@ -203,13 +209,12 @@ def local_stack(
 def simulation_federation(
     config: SimulateConfig, out_dir: Path, on_status: Callable[[str], None]
 ) -> FederationConfig:
-    """The federation to run: from `federation.base`, or else (with a `pretrain` section) from
-    a base pretrained into `<out>/base/` on generated public text, kept there and reused."""
+    """The federation to run: from `federation.base`, or else from a base pretrained into
+    `<out>/base/` on generated public text, kept there and reused."""
     fed = config.federation
     if fed.base is None and config.pretrain is not None:
         folder = out_dir / "base"
-        settings = {**config.pretrain.model_dump(), "model": fed.model.model_dump(), "out_dir": folder}
-        cfg = PretrainConfig.model_validate(settings)
+        cfg = PretrainConfig.model_validate({**config.pretrain.model_dump(), "out_dir": folder})
         on_status(f"pretraining the base model on public text ({cfg.steps} steps; kept in {folder})")
         try:
             manifest = pretrain(cfg)
@@ -217,11 +222,11 @@ def simulation_federation(
             shutil.rmtree(folder)
             manifest = pretrain(cfg)
         on_status(
-            f"base model {manifest['model_hash'][:16]}...: held-out loss {manifest['final']['val_loss']:.4f} "
-            "on public text"
+            f"base model {manifest['folder_hash'][:16]}...: held-out loss "
+            f"{manifest['final']['val_loss']:.4f} on public text"
         )
-        fed = fed.model_copy(update={"base": folder / BASE_FILE})
-    return federation_from_base(fed)
+        fed = fed.model_copy(update={"base": folder / BASE_MODEL_DIR})
+    return fed
 
 
 def run_simulation(
@@ -250,6 +255,7 @@ def run_simulation(
         for site in sites:
             on_status(describe_site_data(site))
     federation = simulation_federation(config, out_dir, on_status)
+    sites = with_base(sites, federation.base)
     with local_stack(sites, out_dir, on_status=on_status) as stack:
         on_status(f"running {federation.rounds} rounds")
         spec_path = write_spec(out_dir, federation, resume=False, nodes=stack.nodes)

@@ -154,11 +154,13 @@ def evaluate(
     batch_size: int,
     precision: ResolvedPrecision,
     device: torch.device,
+    n_bytes: int,
 ) -> EvalStats:
     """Mean next-token loss (nats) over every token of `records`, and bits per UTF-8 byte.
 
-    Bits per byte divides the summed loss (including the EOS prediction) by ln 2 and by the
-    number of UTF-8 bytes in the records, so it compares across tokenizations.
+    Bits per byte divides the summed loss (including the EOS prediction) by ln 2 and by
+    `n_bytes`, the UTF-8 bytes of the records' text (`data.text_bytes`), so it compares across
+    tokenizers.
     """
     model.eval()
     total_nll, total_tokens = 0.0, 0
@@ -168,7 +170,6 @@ def evaluate(
             logits = forward_logits(model, inputs)
         total_nll += float(lm_loss(logits, targets, reduction="sum"))
         total_tokens += int((targets != IGNORE_INDEX).sum())
-    n_bytes = sum(len(tokens) - 2 for tokens in records)
     if total_tokens == 0:
         return EvalStats(loss=float("nan"), bits_per_byte=float("nan"), tokens=0)
     return EvalStats(

@@ -1,4 +1,5 @@
-"""`fedglm pretrain`: resumable to the same result, a checked manifest, and the base's shape."""
+"""`fedglm pretrain`: resumable to the same result, a Hugging Face folder with a checked manifest,
+and the base's shape for the federation."""
 
 from __future__ import annotations
 
@@ -7,19 +8,29 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
 
-from fedglm.config import DataConfig, FederationConfig, ModelConfig, PretrainConfig
+from fedglm.cli.main import app
+from fedglm.config import PretrainConfig
 from fedglm.errors import InputError
-from fedglm.layout import BASE_FILE, MANIFEST_FILE
-from fedglm.model import load_model, save_model
-from fedglm.pretrain import OtherConfigState, federation_from_base, file_digest, load_base, pretrain
+from fedglm.layout import BASE_MANIFEST, BASE_MODEL_DIR, PRETRAIN_STATE_FILE
+from fedglm.models.base import BaseModel, open_run_base
+from fedglm.models.causal import forward_logits
+from fedglm.models.families import Shape
+from fedglm.models.folder import WEIGHTS, folder_hash, load_model, load_tokenizer
+from fedglm.models.tokenizer import encode_record
+from fedglm.pretrain import MANIFEST_FORMAT, OtherConfigState, file_digest, pretrain, read_base_manifest
 
-SMALL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 48, "max_seq_len": 64}
+# the tiny preset (hidden 64, 2 layers, 4 heads in 2 KV groups, 176 channels, 256 positions)
+TINY = Shape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, channels=176)
 
 
-def config(out: Path, **overrides: object) -> PretrainConfig:
-    settings: dict[str, object] = {
-        "model": SMALL,
+def settings(out: Path, **overrides: object) -> dict[str, object]:
+    return {
+        "model": {"preset": "tiny", "vocab_size": 300},
         "generated_records": 60,
         "steps": 6,
         "batch_size": 4,
@@ -30,7 +41,10 @@ def config(out: Path, **overrides: object) -> PretrainConfig:
         "out_dir": out,
         **overrides,
     }
-    return PretrainConfig.model_validate(settings)
+
+
+def config(out: Path, **overrides: object) -> PretrainConfig:
+    return PretrainConfig.model_validate(settings(out, **overrides))
 
 
 class Stop(Exception):
@@ -46,34 +60,58 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path: P
 
     with pytest.raises(Stop):
         pretrain(config(tmp_path / "cut"), on_step=stop_after_checkpoint)
-    assert not (tmp_path / "cut" / BASE_FILE).exists()
+    assert not (tmp_path / "cut" / BASE_MODEL_DIR).exists()
+    assert (tmp_path / "cut" / PRETRAIN_STATE_FILE).is_file()
     steps: list[int] = []
     resumed = pretrain(config(tmp_path / "cut"), on_step=lambda step, loss: steps.append(step))
     assert steps == [4, 5, 6]
-    assert resumed["model_hash"] == whole["model_hash"]
-    a, b = load_model(tmp_path / "whole" / BASE_FILE), load_model(tmp_path / "cut" / BASE_FILE)
+    # the same weights and the same tokenizer (restored from the state, not trained again)
+    assert resumed["folder_hash"] == whole["folder_hash"]
+    a, b = load_model(tmp_path / "whole" / BASE_MODEL_DIR), load_model(tmp_path / "cut" / BASE_MODEL_DIR)
     assert all(
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
     assert resumed["history"] == whole["history"]
 
 
-def test_the_manifest_records_inputs_steps_and_the_hash(tmp_path: Path) -> None:
+def test_pretrain_writes_a_hugging_face_folder_with_its_manifest(tmp_path: Path) -> None:
     text = tmp_path / "public.jsonl"
     text.write_text(
         "".join(json.dumps({"answer": f"public answer number {i}. " * 3}) + "\n" for i in range(40))
     )
-    cfg = config(tmp_path / "out", text=[DataConfig(path=text, field="answer")])
-    manifest = pretrain(cfg)
-    written = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
-    assert written == manifest
+    out = tmp_path / "out"
+    cfg_file = tmp_path / "pretrain.yaml"
+    cfg_file.write_text(
+        yaml.safe_dump(settings(out, text=[{"path": str(text), "field": "answer"}]) | {"out_dir": str(out)})
+    )
+
+    result = CliRunner().invoke(app, ["pretrain", "--config", str(cfg_file)])
+
+    assert result.exit_code == 0, result.output
+    folder = out / BASE_MODEL_DIR
+    manifest = json.loads((folder / BASE_MANIFEST).read_text())
+    assert manifest["format"] == MANIFEST_FORMAT and manifest["architecture"] == "Glm4ForCausalLM"
+    assert manifest["model"] == {"preset": "tiny", "vocab_size": 300, "init_seed": 0}
+    assert manifest["folder_hash"] == folder_hash(folder) and manifest["folder_hash"] in result.output
+    assert read_base_manifest(folder) == manifest
     assert manifest["inputs"] == [
         {"path": str(text), "format": "jsonl", "field": "answer", "sha256": file_digest(text), "records": 40}
     ]
     assert manifest["steps"] == 6 and manifest["public_data_only"] is True
     assert manifest["final"]["val_loss"] > 0 and len(manifest["history"]) == 2
-    base = load_base(tmp_path / "out")
-    assert base.hash == manifest["model_hash"] and base.model_config.d_model == 32
+    # a standard folder: transformers loads it by itself, offline, without fedglm's code
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert type(model).__name__ == "Glm4ForCausalLM"
+    assert model.config.vocab_size == len(tokenizer) == manifest["vocab_size"] <= 300
+    assert sum(p.numel() for p in model.parameters()) == manifest["parameters"]
+    assert tokenizer.decode(tokenizer.encode("public answer number 7.")) == "public answer number 7."
+    ids = torch.tensor([encode_record(load_tokenizer(folder), "public answer number 3.")])
+    with torch.no_grad():
+        assert torch.equal(forward_logits(model, ids), forward_logits(load_model(folder), ids))
+    base = BaseModel.open(folder)
+    assert base.hash == manifest["folder_hash"] and base.shape == TINY
+    assert base.parameters == manifest["parameters"]
 
 
 def test_a_state_saved_under_another_config_is_refused(tmp_path: Path) -> None:
@@ -83,28 +121,27 @@ def test_a_state_saved_under_another_config_is_refused(tmp_path: Path) -> None:
     pretrain(config(tmp_path, steps=3, lr=0.01, resume=False))  # starting over is allowed
 
 
-def test_a_changed_base_file_is_refused(tmp_path: Path) -> None:
+def test_a_changed_base_folder_no_longer_matches_its_manifest(tmp_path: Path) -> None:
     pretrain(config(tmp_path, steps=2))
-    model = load_model(tmp_path / BASE_FILE)
-    with torch.no_grad():
-        model.embed.weight[0, 0] += 1.0
-    save_model(tmp_path / BASE_FILE, model)
-    with pytest.raises(InputError, match="its manifest records"):
-        load_base(tmp_path / BASE_FILE)
-    (tmp_path / MANIFEST_FILE).unlink()
-    with pytest.raises(InputError, match="no manifest"):
-        load_base(tmp_path / BASE_FILE)
+    folder = tmp_path / BASE_MODEL_DIR
+    assert read_base_manifest(folder) is not None
+    weights = load_file(folder / WEIGHTS)
+    weights["model.embed_tokens.weight"][0, 0] += 1.0
+    save_file(weights, folder / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(InputError, match="records another folder hash"):
+        read_base_manifest(folder)
+    (folder / BASE_MANIFEST).unlink()
+    assert read_base_manifest(folder) is None  # a checkpoint from elsewhere: no provenance, no refusal
 
 
-def test_a_federation_takes_the_base_models_shape(tmp_path: Path) -> None:
+def test_a_federation_takes_the_base_folders_shape(tmp_path: Path) -> None:
     pretrain(config(tmp_path, steps=1))
-    fed = federation_from_base(
-        FederationConfig.model_validate({"base": tmp_path / BASE_FILE, "train": {"seq_len": 32}})
-    )
-    assert fed.model.glm_args() == ModelConfig.model_validate(SMALL).glm_args()
-    other = FederationConfig.model_validate({"base": tmp_path / BASE_FILE, "model": {"preset": "tiny"}})
-    with pytest.raises(InputError, match="is not the shape of the base model"):
-        federation_from_base(other)
-    too_long = FederationConfig.model_validate({"base": tmp_path / BASE_FILE, "train": {"seq_len": 128}})
-    with pytest.raises(InputError, match=r"train.seq_len \(128\) exceeds model.max_seq_len \(64\)"):
-        federation_from_base(too_long)
+    folder = tmp_path / BASE_MODEL_DIR
+    base = open_run_base(folder, seq_len=32)
+    assert base.shape == TINY and base.max_positions == 256
+    assert base.family.architecture == "Glm4ForCausalLM"
+    with pytest.raises(InputError, match=r"train.seq_len \(512\) exceeds the 256 positions"):
+        open_run_base(folder, seq_len=512)
+    with pytest.raises(ValueError, match=r"seq_len \(512\) exceeds the tiny preset's 256 positions"):
+        config(tmp_path, seq_len=512)
+

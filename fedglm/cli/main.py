@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from fedglm.cli import audit, certs, client, keys, partition, pretrain, release, server, simulate
+from fedglm.cli import audit, certs, client, generate, keys, partition, pretrain, release, server, simulate
 
 app = typer.Typer(
     name="fedglm",
-    help="Federated, differentially private fine-tuning of a GLM-style language model.",
+    help="Federated, differentially private fine-tuning of Hugging Face language models (GLM-4 first).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -23,3 +23,4 @@ app.command("keys")(keys.keys)
 app.command("audit")(audit.audit)
 app.command("distill")(release.distill)
 app.command("export")(release.export)
+app.command("generate")(generate.generate_command)

@@ -12,7 +12,7 @@ from fedglm.cli.common import reports_errors
 from fedglm.cli.progress import console, status
 from fedglm.config import PretrainConfig, load_config
 from fedglm.errors import check_out_folder
-from fedglm.layout import BASE_FILE, MANIFEST_FILE
+from fedglm.layout import BASE_MODEL_DIR
 from fedglm.pretrain import pretrain
 
 
@@ -20,7 +20,7 @@ from fedglm.pretrain import pretrain
 def pretrain_command(
     config: Annotated[Path, typer.Option(help="Pretraining YAML (see server/pretrain.yaml).")],
 ) -> None:
-    """Train a base model on public text only; resumable; writes base.pt and base.json."""
+    """Train a tokenizer and a GLM-4 base model on public text only; resumable; writes a model folder."""
     cfg = load_config(config, PretrainConfig)
     check_out_folder(cfg.out_dir, f"{config}: out_dir")
     status(f"pretraining a {cfg.model.preset} model on public text for {cfg.steps} steps into {cfg.out_dir}")
@@ -42,6 +42,7 @@ def pretrain_command(
     final = manifest["final"]
     status(
         f"base model: {manifest['parameters']:,} parameters, {manifest['steps']} steps, held-out loss "
-        f"{final['val_loss']:.4f} ({final['val_bits_per_byte']:.4f} bits/byte); hash {manifest['model_hash']}"
+        f"{final['val_loss']:.4f} ({final['val_bits_per_byte']:.4f} bits/byte); "
+        f"folder hash {manifest['folder_hash']}"
     )
-    status(f"wrote {cfg.out_dir / BASE_FILE} and {cfg.out_dir / MANIFEST_FILE}")
+    status(f"wrote {cfg.out_dir / BASE_MODEL_DIR}: name it as federation.base and as each hospital's base")

@@ -12,7 +12,7 @@ from fedglm.cli.progress import print_release, print_round, print_table, status
 from fedglm.config import CoordinatorConfig, ListedSite, load_config
 from fedglm.errors import InputError
 from fedglm.layout import METRICS_NAME, RELEASE_DIR
-from fedglm.pretrain import federation_from_base
+from fedglm.models.base import open_run_base
 from fedglm.release import public_text, release
 from fedglm.server.coordinator import admit_sites, execute_run, read_listed_keys, write_spec
 from fedglm.server.superlink import TLSFiles, check_insecure_allowed, start_superlink
@@ -29,7 +29,12 @@ def server(
     cfg = load_config(config, CoordinatorConfig)
     tls = _tls(cfg, insecure, config)
     keys = read_listed_keys(_listed_sites(cfg, tls, config))
-    fed = federation_from_base(cfg.federation)
+    fed = cfg.federation
+    base = open_run_base(fed.base, fed.train.seq_len)  # a missing or unfit base fails now
+    status(
+        f"base model {base.folder}: {base.family.architecture}, {base.parameters:,} parameters, "
+        f"hash {base.hash[:16]}..."
+    )
     if cfg.release is not None:
         public_text(cfg.release)  # a missing or unreadable public text fails now, not after the run
     superlink = start_superlink(

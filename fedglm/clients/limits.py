@@ -1,15 +1,14 @@
 """What a site refuses to run, whatever the coordinator sends: checked before anything is
 allocated or trained.
 
-The coordinator chooses the model, its weights and the training settings. A site trusts none
-of it, so before building a model it checks that the model fits in its memory, and before
-training on received weights it checks them:
-- **Size.** Training needs, per parameter, the weights, their gradient and two optimizer
-  moments (fp32), and under DP-SGD in `hooks` mode one per-sample gradient for each record of
-  the expected batch (a public number, so the decision reveals nothing private). A model whose
-  estimate exceeds `MEMORY_FRACTION` of this machine's physical memory is refused. The
-  config's own bounds (`config.ModelConfig`) already refuse absurd sizes such as a
-  7e16-parameter model before any arithmetic.
+The site brings the base model itself (its own folder), but the coordinator chooses the weights
+it trains from, what trains (LoRA rank and targets, or everything) and the training settings. A
+site trusts none of it, so before building a model it checks that training fits in its memory,
+and before training on received weights it checks them:
+- **Size.** Training needs the weights (fp32) and, per trained parameter, its gradient and two
+  optimizer moments, and under DP-SGD in `hooks` mode one per-sample gradient for each record of
+  the expected batch (a public number, so the decision reveals nothing private). A round whose
+  estimate exceeds `MEMORY_FRACTION` of this machine's physical memory is refused.
 - **Weights.** Every received weight must be finite and at most `MAX_WEIGHT` in magnitude.
   Trained transformers keep their weights within a few units (norm gains, projections; the
   largest outliers reported for billion-parameter LLMs are in the tens to low hundreds), and
@@ -29,7 +28,6 @@ from collections.abc import Mapping
 import torch
 
 from fedglm.compression import PayloadError
-from fedglm.model import GLMArgs, parameter_count
 
 MAX_WEIGHT = 1e4
 MAX_ROUND_STEPS = 100_000
@@ -42,19 +40,21 @@ def physical_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def training_bytes(args: GLMArgs, per_sample_rows: float) -> int:
-    """A lower estimate of the memory one training step of `GLM(args)` takes (activations left out)."""
-    return int(parameter_count(args) * BYTES_PER_VALUE * (STATE_COPIES + per_sample_rows))
+def training_bytes(parameters: int, trained: int, per_sample_rows: float) -> int:
+    """A lower estimate of the memory one training step takes (activations left out)."""
+    return int(BYTES_PER_VALUE * (parameters + trained * (STATE_COPIES - 1 + per_sample_rows)))
 
 
-def check_model_fits(args: GLMArgs, per_sample_rows: float, memory: int | None = None) -> None:
-    """Refuse (`PayloadError` "model-too-large") a model this site could not train."""
-    need = training_bytes(args, per_sample_rows)
+def check_model_fits(
+    parameters: int, trained: int, per_sample_rows: float, memory: int | None = None
+) -> None:
+    """Refuse (`PayloadError` "model-too-large") a round this site could not train."""
+    need = training_bytes(parameters, trained, per_sample_rows)
     have = int(MEMORY_FRACTION * (memory if memory is not None else physical_memory()))
     if need > have:
         raise PayloadError(
-            f"the coordinator's model has {parameter_count(args):,} parameters and needs about "
-            f"{need / 2**30:.1f} GiB to train here; this site has {have / 2**30:.1f} GiB for it",
+            f"training {trained:,} of the model's {parameters:,} parameters needs about "
+            f"{need / 2**30:.1f} GiB here; this site has {have / 2**30:.1f} GiB for it",
             "model-too-large",
         )
 

@@ -21,7 +21,6 @@ from fedglm.clients.limits import check_round_steps
 from fedglm.clients.round import Received, compress_update, keep_receipts
 from fedglm.clients.site import public_metrics, state_dir
 from fedglm.clients.state import save_residual
-from fedglm.data import encode
 from fedglm.errors import InputError
 from fedglm.payload import ARRAYS_KEY, LEDGER_KEY, METRICS_KEY, payload_record
 from fedglm.privacy.dpsgd import dp_precision_for, train_private
@@ -65,7 +64,7 @@ def train_with_dp(received: Received, message: Message) -> Message:
         again = released_before(lines, run=received.held.run, server_round=server_round)
         if again is not None:
             return send_again(received, message, again, lines, key)
-        records = [encode(t) for t in received.data.train]
+        records = received.records(received.data.train)
         plan = plan_private_round(received, lines, len(records))
         if isinstance(plan, Decline):
             return decline(received, message, plan)

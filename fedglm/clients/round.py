@@ -30,12 +30,14 @@ from fedglm import compression
 from fedglm.clients.limits import check_model_fits, check_round_steps, check_weights
 from fedglm.clients.site import load_site_data, public_metrics, state_dir
 from fedglm.clients.state import HeldModel, load_held, load_residual, save_held, save_residual
-from fedglm.clients.sync import check_pinned_base, parse_mask, prune_held, receive_model
+from fedglm.clients.sync import check_base, parse_mask, prune_held, receive_model
 from fedglm.compression import CODECS, NO_HASH, Header, Kind
 from fedglm.config import SiteSpec, TrainConfig
-from fedglm.data import SiteData, encode, sample_batches
-from fedglm.lora import LoraSpec, adapter_state, add_adapters
-from fedglm.model import GLM
+from fedglm.data import SiteData, sample_batches, text_bytes
+from fedglm.errors import InputError
+from fedglm.models.base import BaseModel
+from fedglm.models.lora import LoraSpec, is_trained_adapter, load_wire_state, wire_state
+from fedglm.models.tokenizer import encode_records
 from fedglm.payload import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -77,11 +79,16 @@ class Received:
     site: SiteSpec
     config: RoundConfig
     raw: ConfigRecord
-    model: GLM
+    model: torch.nn.Module
     device: torch.device
     data: SiteData
     held: HeldModel | None
     lora: LoraSpec | None
+    base: BaseModel
+
+    def records(self, texts: list[str]) -> list[list[int]]:
+        """`texts` as token ids of the base's tokenizer, each framed by BOS and EOS."""
+        return encode_records(self.base.tokenizer(), texts)
 
 
 def evaluate_round(site: SiteSpec, message: Message) -> Message:
@@ -94,11 +101,12 @@ def evaluate_round(site: SiteSpec, message: Message) -> Message:
     cfg = received.config.train
     stats = evaluate(
         received.model,
-        [encode(t) for t in received.data.val],
+        received.records(received.data.val),
         seq_len=cfg.seq_len,
         batch_size=cfg.eval_batch_size,
         precision=resolve_precision(cfg.precision, received.device),
         device=received.device,
+        n_bytes=text_bytes(received.data.val),
     )
     metrics = public_metrics(site, len(received.data.val), val_loss=stats.loss, val_bpb=stats.bits_per_byte)
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=message)
@@ -109,47 +117,53 @@ def receive(site: SiteSpec, message: Message) -> Received:
     raw = message.content.config_records.get(CONFIG_KEY)
     config = RoundConfig.from_record(raw)
     assert raw is not None
-    check_pinned_base(site.base_hash, config.base_hash)
-    lora = config.train.lora_spec(config.model.init_seed)
-    args = parse_mask(config.mask, config.model).shape(config.model.glm_args())
-    check_model_fits(args, _per_sample_rows(site, config.train))  # before anything is allocated
-    model = GLM(args)
-    if lora is not None:
-        add_adapters(model, lora)
-    held = _sync(site, message, config, model, lora)
+    if site.base is None:
+        raise InputError(f"site {site.name}: no base model folder (base:) in its config")
+    base = BaseModel.open(site.base)
+    check_base(base, config.base_hash)
+    lora = config.train.lora_spec(config.model.init_seed, base.family)
+    base.check_lora(lora)
+    if config.train.seq_len > base.max_positions:
+        raise PayloadError(
+            f"train.seq_len {config.train.seq_len} exceeds the base model's {base.max_positions} positions",
+            "bad-config",
+        )
+    mask = parse_mask(config.mask, base.shape)
+    check_model_fits(base.parameters, base.trained(lora), _per_sample_rows(site, config.train))
+    model = base.empty(lora=lora, mask=mask)
+    held = _sync(site, message, config, model, base, lora)
     device = _device()
-    return Received(site, config, raw, model.to(device), device, load_site_data(site), held, lora)
+    return Received(site, config, raw, model.to(device), device, load_site_data(site), held, lora, base)
 
 
 def _sync(
-    site: SiteSpec, message: Message, config: RoundConfig, model: GLM, lora: LoraSpec | None
+    site: SiteSpec,
+    message: Message,
+    config: RoundConfig,
+    model: torch.nn.Module,
+    base: BaseModel,
+    lora: LoraSpec | None,
 ) -> HeldModel | None:
     """Load the message's model into `model`: dense weights as they are, or the site's held copy
     moved by the payload (kept on disk for the next round)."""
     blob = read_payload(message.content)
+    shapes = expected_shapes(model)
     if blob is None:
-        state = read_state(message.content, expected_shapes(model))
+        state = read_state(message.content, shapes)
         check_weights(state)
-        model.load_state_dict(state)
+        load_wire_state(model, state)
         return None
     if config.run_key is None:
         raise PayloadError("config 'run-key' is missing, expected a string")
     folder = state_dir(site)
     loaded = load_held(folder, config.run_key)
-    previous = prune_held(loaded, config.mask, config.model) if loaded is not None else None
+    previous = prune_held(loaded, config.mask, base) if loaded is not None else None
     held = receive_model(
-        blob,
-        held=previous,
-        run=config.run_key,
-        model_cfg=config.model,
-        shapes=expected_shapes(model),
-        mask_text=config.mask,
-        lora=lora,
-        base_hash=bytes.fromhex(config.base_hash) if config.base_hash else None,
+        blob, held=previous, run=config.run_key, base=base, shapes=shapes, mask_text=config.mask, lora=lora
     )
     if held is not loaded:
         save_held(folder, held)
-    model.load_state_dict(held.state)
+    load_wire_state(model, held.state)
     return held
 
 
@@ -173,7 +187,7 @@ def keep_receipts(site: SiteSpec, receipts: list[str], lines: list[LedgerLine]) 
 
 def train_without_dp(received: Received, message: Message) -> Message:
     site, config, cfg = received.site, received.config, received.config.train
-    records = [encode(t) for t in received.data.train]
+    records = received.records(received.data.train)
     server_round = config.server_round or 0
     generator = torch.Generator().manual_seed(_round_seed(config.seed, site.name, server_round))
     steps = steps_for(cfg.local_steps, cfg.local_epochs, len(records), cfg.batch_size)
@@ -209,9 +223,13 @@ def compress_update(received: Received, server_round: int) -> tuple[bytes, Resid
     assert held is not None
     if uplink is None:
         raise PayloadError("config 'uplink.codec' is missing: the coordinator sent no uplink settings")
-    trained = received.model.state_dict()
-    # With LoRA only the adapters train, and only they are sent; the base never leaves.
-    sent = held.state if received.lora is None else adapter_state(held.state)
+    trained = wire_state(received.model)
+    # With LoRA only B trains (A is frozen and the same everywhere), and only B is sent.
+    sent = (
+        held.state
+        if received.lora is None
+        else {n: t for n, t in held.state.items() if is_trained_adapter(n)}
+    )
     change = {
         name: (trained[name].detach().float().cpu() - base).reshape(-1).numpy() for name, base in sent.items()
     }

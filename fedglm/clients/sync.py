@@ -4,15 +4,15 @@ The payload names the model it produces (`target`, a SHA-256 of the weights). In
 1. the site already holds `target` (it got it with the last evaluation): nothing to apply;
 2. a DELTA built on the model the site holds: apply it, and the result must hash to `target`;
 3. a FULL model: take it, and it must hash to `target`;
-4. INIT (round 1): build the model from the run's seed; it must hash to `target`.
+4. INIT (round 1): build the model from the site's own base folder (`models/base.py`: its
+   weights, the adapters drawn from the run's seed, sliced to the mask); it must hash to `target`.
 Anything else raises `StaleModel`; the coordinator then sends that site the full model.
 
-From a base model (`fedglm pretrain`), the coordinator announces the base's hash in every round
-config. A site that pins a base (`base_hash` in its config) refuses any other (`check_pinned_base`).
-The base itself arrives as a FULL model (round 1, or a site that lost its copy); with full
-fine-tuning, a FULL model that is still the base hashes to the announced hash; with LoRA
-adapters the base stays frozen, so every FULL model's non-adapter tensors must hash to it, and a
-DELTA may carry adapter tensors only.
+The coordinator announces the base folder's hash in every round config, and a site whose own
+folder hashes otherwise refuses the run (`check_base`): the base never crosses the network and
+the coordinator cannot swap it. With LoRA adapters the base stays frozen, so a FULL model's
+non-adapter tensors must equal the site's own base (sliced to the mask), and a DELTA may carry
+adapter tensors only.
 
 Whatever its route, the model must pass `limits.check_weights` (finite, bounded) before the
 site trains on it.
@@ -32,12 +32,12 @@ from fedglm.clients.limits import check_weights
 from fedglm.clients.state import HeldModel
 from fedglm.compression import Kind, PayloadError, decode, model_hash
 from fedglm.compression.update import apply
-from fedglm.config import ModelConfig
 from fedglm.errors import InputError
-from fedglm.lora import LoraSpec, add_adapters, base_state, is_adapter
-from fedglm.model import build_model
+from fedglm.models.base import BaseModel
+from fedglm.models.families import Shape
+from fedglm.models.lora import LoraSpec, base_state, is_adapter, wire_state
+from fedglm.models.pruning import Mask, slice_state
 from fedglm.payload import STALE_MODEL
-from fedglm.pruning import Mask, slice_state
 
 
 class StaleModel(RuntimeError):
@@ -47,38 +47,35 @@ class StaleModel(RuntimeError):
         super().__init__(f"{STALE_MODEL}: {detail}")
 
 
-def parse_mask(text: str, model_cfg: ModelConfig) -> Mask:
+def parse_mask(text: str, shape: Shape) -> Mask:
     """The round's pruning mask ("": unpruned); a bad one is a `PayloadError`."""
-    args = model_cfg.glm_args()
     if not text:
-        return Mask.full(args)
+        return Mask.full(shape)
     try:
-        return Mask.from_json(text, args)
+        return Mask.from_json(text, shape)
     except ValueError as exc:
         raise PayloadError(str(exc), "bad-mask") from None
 
 
-def prune_held(held: HeldModel, mask_text: str, model_cfg: ModelConfig) -> HeldModel | None:
+def prune_held(held: HeldModel, mask_text: str, base: BaseModel) -> HeldModel | None:
     """`held` sliced to the round's mask; None if the mask would bring pruned parts back."""
     if held.mask == mask_text:
         return held
-    args = model_cfg.glm_args()
-    before, after = parse_mask(held.mask, model_cfg), parse_mask(mask_text, model_cfg)
+    before, after = parse_mask(held.mask, base.shape), parse_mask(mask_text, base.shape)
     if not after.within(before):
         return None
-    state = slice_state(held.state, args, before, after)
+    state = slice_state(held.state, base.shape, base.family, before, after)
     return HeldModel(held.run, model_hash(state), state, mask_text)
 
 
-def check_pinned_base(pinned: str | None, announced: str | None) -> None:
-    """Refuse a run whose base model is not the one this site's config pins (`base_hash`)."""
-    if pinned is None or pinned == announced:
+def check_base(base: BaseModel, announced: str | None) -> None:
+    """Refuse a run whose base is not this site's own folder (by hash)."""
+    if announced == base.hash:
         return
-    offered = f"base {announced[:16]}..." if announced else "no base model (random weights)"
+    offered = f"base {announced[:16]}..." if announced else "no base model"
     raise InputError(
-        f"the coordinator's run starts from {offered}, but this site accepts only base "
-        f"{pinned[:16]}... (base_hash in its config): ask the coordinator which base it uses, "
-        "or change base_hash"
+        f"the coordinator's run starts from {offered}, but this site's base folder {base.folder} hashes "
+        f"to {base.hash[:16]}...: ask the coordinator which base it uses, and point base: at a copy of it"
     )
 
 
@@ -87,19 +84,18 @@ def receive_model(
     *,
     held: HeldModel | None,
     run: str,
-    model_cfg: ModelConfig,
+    base: BaseModel,
     shapes: Mapping[str, tuple[int, ...]],
     mask_text: str = "",
     lora: LoraSpec | None = None,
-    base_hash: bytes | None = None,
 ) -> HeldModel:
-    """The round's global model; `shapes` are the tensor shapes of a model of `model_cfg`
-    (with `lora` adapters) sliced to the mask `mask_text` ("": unpruned), which `held` must
-    already be sliced to; `base_hash` is the announced base model's hash, if any."""
+    """The round's global model; `shapes` are the tensor shapes of `base` (with `lora` adapters)
+    sliced to the mask `mask_text` ("": unpruned), which `held` must already be sliced to."""
     header, tensors = decode(blob, shapes)
     target = header.target
     if held is not None and held.hash == target:
         return held
+    mask = parse_mask(mask_text, base.shape)
     if header.kind == Kind.DELTA:
         if held is None or held.hash != header.base:
             holds = "nothing" if held is None else held.hash.hex()[:12]
@@ -116,16 +112,11 @@ def receive_model(
             name: torch.from_numpy(tensors[name].dense(math.prod(shape)).reshape(shape).copy())
             for name, shape in shapes.items()
         }
-        if lora is not None and base_hash is not None and not mask_text:
-            _check_base(model_hash(base_state(state)), base_hash)
-    elif header.kind == Kind.INIT:
-        if base_hash is not None:
-            raise PayloadError("the run announces a base model but sent a seed-built one", "wrong-base")
-        args = model_cfg.glm_args()
-        model = build_model(args, model_cfg.init_seed)
         if lora is not None:
-            add_adapters(model, lora)
-        state = slice_state(dict(model.state_dict()), args, Mask.full(args), parse_mask(mask_text, model_cfg))
+            own = base_state(wire_state(base.build(lora=lora, mask=mask)))
+            _check_base(model_hash(base_state(state)), model_hash(own))
+    elif header.kind == Kind.INIT:
+        state = dict(wire_state(base.build(lora=lora, mask=mask)))
     else:
         raise PayloadError(f"a {header.kind.name} payload cannot carry a global model", "bad-kind")
     check_weights(state)
@@ -141,7 +132,7 @@ def receive_model(
 def _check_base(received: bytes, announced: bytes) -> None:
     if received != announced:
         raise PayloadError(
-            f"the base model received hashes to {received.hex()[:16]}..., the coordinator announced "
+            f"the full model's frozen base hashes to {received.hex()[:16]}..., this site's base to "
             f"{announced.hex()[:16]}...",
             "wrong-base",
         )

@@ -42,7 +42,9 @@ class Kind(IntEnum):
     UPDATE = 0  # a client's model change, built on the model `base`
     FULL = 1  # complete weights of the model `target`
     DELTA = 2  # the change that turns model `base` into model `target`
-    INIT = 3  # no tensors: build the model from the round's seed and config; it must hash to `target`
+    INIT = (
+        3  # no tensors: build the model from the base folder and the round's seed; it must hash to `target`
+    )
 
 
 @dataclass(frozen=True)

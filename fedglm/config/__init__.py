@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from fedglm.config.base import BaseHash, ConfigPath, PortNumber, Precision, Section, SiteName, is_site_name
 from fedglm.config.federation import (
-    MODEL_PRESETS,
     CodecName,
     CompressionConfig,
     CoordinatorConfig,
@@ -20,6 +19,7 @@ from fedglm.config.federation import (
     FederationConfig,
     LinkConfig,
     ListedSite,
+    LoraTarget,
     ModelConfig,
     PruneStep,
     PruningConfig,
@@ -35,14 +35,13 @@ from fedglm.config.loading import (
     load_config,
     validate_config,
 )
-from fedglm.config.pretrain import PretrainConfig
+from fedglm.config.pretrain import PretrainConfig, PretrainModelConfig
 from fedglm.config.release import DistillConfig, ExportConfig, PublicTextConfig, ReleaseConfig
 from fedglm.config.simulate import GeneratedCorpusConfig, SimulateConfig
 from fedglm.config.site import DataConfig, HospitalConfig, PrivacyConfig, ShareConfig, SiteSettings, SiteSpec
 
 __all__ = [
     "MAX_CONFIG_BYTES",
-    "MODEL_PRESETS",
     "BaseHash",
     "CodecName",
     "CompressionConfig",
@@ -58,10 +57,12 @@ __all__ = [
     "HospitalConfig",
     "LinkConfig",
     "ListedSite",
+    "LoraTarget",
     "ModelConfig",
     "PortNumber",
     "Precision",
     "PretrainConfig",
+    "PretrainModelConfig",
     "PrivacyConfig",
     "PruneStep",
     "PruningConfig",

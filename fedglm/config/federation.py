@@ -5,64 +5,26 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
 from fedglm.compression.codecs import CODECS
 from fedglm.config.base import ConfigPath, PortNumber, Precision, Section, SiteName
 from fedglm.config.release import ReleaseConfig
-from fedglm.lora import LORA_TARGETS, LoraSpec, LoraTarget
-from fedglm.model import GLMArgs
+from fedglm.models.families import Family
+from fedglm.models.lora import LoraSpec
 
-MODEL_PRESETS: dict[str, dict[str, int]] = {
-    # about 0.1 M parameters: tests and the quick start
-    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 176, "max_seq_len": 128},
-    # about 3.3 M parameters: benchmarks on a CPU
-    "small": {"d_model": 256, "n_layers": 4, "n_heads": 8, "d_ff": 688, "max_seq_len": 256},
-    # about 25 M parameters: benchmarks on a GPU
-    "base": {"d_model": 512, "n_layers": 8, "n_heads": 8, "d_ff": 1376, "max_seq_len": 512},
-}
+LoraTarget = Literal[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj"
+]
 
 
 class ModelConfig(Section):
-    """Shape of the GLM-style decoder. `preset` fills the sizes; explicit keys override it."""
+    """What every party draws itself from the run's seed (LoRA's frozen A matrices). The model
+    itself is the base folder (`federation.base`, fedglm/models/base.py)."""
 
-    preset: Literal["tiny", "small", "base"] = "tiny"
-    # Upper bounds keep a config (a site reads the coordinator's) from asking for absurd
-    # sizes; what a site can actually hold is checked against its memory (`clients/limits.py`).
-    d_model: int = Field(default=64, ge=8, le=16384)
-    n_layers: int = Field(default=2, ge=1, le=256)
-    n_heads: int = Field(default=4, ge=1, le=256)
-    d_ff: int = Field(default=176, ge=8, le=131072)
-    max_seq_len: int = Field(default=128, ge=8, le=131072)
-    rope_base: float = Field(default=10000.0, gt=1.0, le=1e9)
-    norm_eps: float = Field(default=1e-5, gt=0.0, le=1.0)
     init_seed: int = 0
-
-    def glm_args(self) -> GLMArgs:
-        sizes = self.model_dump(exclude={"preset", "init_seed"})
-        return GLMArgs(**sizes)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            preset = data.get("preset", "tiny")
-            if isinstance(preset, str) and preset in MODEL_PRESETS:
-                data = {**MODEL_PRESETS[preset], **data}
-        return data
-
-    @model_validator(mode="after")
-    def _check_heads(self) -> ModelConfig:
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2 != 0:
-            raise ValueError(
-                f"head size d_model/n_heads = {self.d_model // self.n_heads} must be even "
-                "for rotary embeddings"
-            )
-        return self
 
 
 class TrainConfig(Section):
@@ -83,25 +45,27 @@ class TrainConfig(Section):
     precision: Precision = "auto"
     eval_batch_size: int = Field(default=32, ge=1, le=65536)
     # What sites train and send: every weight (`full`), or LoRA adapters on `lora_targets` of
-    # every layer with the rest frozen (`lora`, see fedglm/lora.py).
+    # every layer with the rest frozen (`lora`, see fedglm/models/lora.py); no targets: every
+    # projection of the model's family (GLM's fused gate_up_proj included).
     adapters: Literal["full", "lora"] = "full"
     lora_rank: int = Field(default=8, ge=1, le=256)
-    lora_alpha: float = Field(default=16.0, gt=0.0)
-    lora_targets: list[LoraTarget] = Field(default=list(LORA_TARGETS), min_length=1)
+    lora_alpha: float = Field(default=16.0, gt=0.0, le=1e4)
+    lora_targets: list[LoraTarget] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("set exactly one of local_steps and local_epochs (the other to null)")
-        if len(set(self.lora_targets)) != len(self.lora_targets):
+        if self.lora_targets is not None and len(set(self.lora_targets)) != len(self.lora_targets):
             raise ValueError(f"lora_targets lists a projection twice: {self.lora_targets}")
         return self
 
-    def lora_spec(self, init_seed: int) -> LoraSpec | None:
+    def lora_spec(self, init_seed: int, family: Family) -> LoraSpec | None:
         """The adapters every party builds (A drawn from `init_seed`), or None for full training."""
         if self.adapters != "lora":
             return None
-        return LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), seed=init_seed + 1)
+        targets = tuple(self.lora_targets) if self.lora_targets is not None else family.projections
+        return LoraSpec(self.lora_rank, self.lora_alpha, targets, seed=init_seed + 1)
 
 
 def _check_codec(name: str) -> str:
@@ -206,18 +170,12 @@ class FederationConfig(Section):
     train: TrainConfig = TrainConfig()
     compression: CompressionConfig = CompressionConfig()
     pruning: PruningConfig = PruningConfig()
-    # A base model made by `fedglm pretrain` (its base.pt, with base.json beside it): the global
-    # model starts from it instead of random weights, and its hash is announced to the sites.
+    # The base model: a Hugging Face folder (made by `fedglm pretrain`, or a downloaded GLM-4,
+    # GLM, Llama or Qwen2 checkpoint). Every site holds the same folder; its hash is announced.
     base: ConfigPath | None = None
 
     @model_validator(mode="after")
-    def _window_fits(self) -> FederationConfig:
-        shape_from_base = self.base is not None and "model" not in self.model_fields_set
-        # (a base's shape is checked once it is read: `pretrain.federation_from_base`)
-        if not shape_from_base and self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(
-                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
-            )
+    def _schedule_fits(self) -> FederationConfig:
         late = [s.round for s in self.pruning.schedule if s.round > self.rounds]
         if late:
             raise ValueError(f"pruning.schedule has round {late[0]}, after the last round ({self.rounds})")

@@ -38,7 +38,8 @@ class ExportConfig(Section):
     The fp32 ONNX model must match torch on held-out public text: largest absolute logit
     difference at most `parity_atol` and next-token agreement at least `parity_agreement`, or
     the export fails. The variants' figures are reported. `max_batch` bounds the dynamic batch
-    axis (the sequence axis goes up to `model.max_seq_len`).
+    axis (the sequence axis goes up to the model's positions); `seq_len` is the window of the
+    parity and held-out checks.
     """
 
     formats: list[Literal["onnx", "tensorrt"]] = Field(default=["onnx"], min_length=1)
@@ -48,6 +49,7 @@ class ExportConfig(Section):
     parity_agreement: float = Field(default=0.99, ge=0.0, le=1.0)
     parity_batches: int = Field(default=8, ge=1)
     max_batch: int = Field(default=64, ge=1)
+    seq_len: int = Field(default=128, ge=8, le=131072)
 
 
 class PublicTextConfig(Section):

@@ -22,11 +22,11 @@ class GeneratedCorpusConfig(Section):
 class SimulateConfig(Section):
     """`fedglm simulate`: the whole federation on 127.0.0.1; sites from files or generated."""
 
-    # The default fine-tunes the pretrained base (hence the lower learning rate) and prunes a
-    # quarter of the SwiGLU channels at round 2; round 3 recovers.
+    # The default fine-tunes the pretrained base with LoRA adapters and prunes a quarter of the
+    # MLP channels at round 2; round 3 recovers.
     federation: FederationConfig = FederationConfig(
         min_clients=3,
-        train=TrainConfig(lr=5e-4),
+        train=TrainConfig(adapters="lora", lr=3e-3),
         pruning=PruningConfig(schedule=[PruneStep(round=2, channels=0.25)]),
     )
     sites: list[SiteSpec] | None = None
@@ -35,13 +35,14 @@ class SimulateConfig(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     # Distillation, export and the model card after the last round (null: none).
     release: ReleaseConfig | None = ReleaseConfig()
-    # Unless federation.base names a base model: pretrain one of federation.model's shape on
-    # generated public text into <out>/base/ (kept there and reused), and start from it.
-    # null: start from random weights.
+    # Unless federation.base names a base model folder: pretrain a GLM-4 (tokenizer and model)
+    # on generated public text into <out>/base/ (kept there and reused), and start from it.
     pretrain: PretrainConfig | None = PretrainConfig(steps=300)
 
     @model_validator(mode="after")
     def _enough_sites(self) -> SimulateConfig:
+        if self.federation.base is None and self.pretrain is None:
+            raise ValueError("set federation.base (a model folder) or a pretrain section to make one")
         n_sites = len(self.sites) if self.sites is not None else self.generated.sites
         if self.sites is not None:
             names = [s.name for s in self.sites]

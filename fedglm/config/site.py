@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fedglm.config.base import BaseHash, ConfigPath, PortNumber, Section, SiteName
+from fedglm.config.base import ConfigPath, PortNumber, Section, SiteName
 
 
 class DataConfig(Section):
@@ -84,9 +84,10 @@ class SiteSettings(Section):
     data: DataConfig
     share: ShareConfig = ShareConfig()
     privacy: PrivacyConfig = PrivacyConfig()
-    # Accept only a federation that starts from this base model (the `model_hash` in the
-    # base.json of `fedglm pretrain`); unset: any base, or none.
-    base_hash: BaseHash | None = None
+    # The base model this site fine-tunes: its own copy of the Hugging Face folder the
+    # coordinator names. The site takes part only in runs that announce this folder's hash.
+    # (Required of a hospital; a simulation gives its sites the federation's base.)
+    base: ConfigPath | None = None
 
     @model_validator(mode="after")
     def _public_sampling(self) -> SiteSettings:
@@ -112,6 +113,7 @@ class HospitalConfig(SiteSettings):
     """`fedglm client`: the site's name, the coordinator to reach, its data and local state."""
 
     site: SiteName
+    base: ConfigPath
     coordinator: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")
     ca_cert: ConfigPath | None = None
     runtime_port: PortNumber = 9094

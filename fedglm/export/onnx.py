@@ -1,8 +1,6 @@
-"""ONNX export, its INT8 and FP16 variants, and parity against torch in ONNX Runtime.
+"""ONNX variants, and parity against torch in ONNX Runtime (the export itself:
+`causal_onnx.py`, input `input_ids` (int64), output `logits` (fp32)).
 
-- `export_onnx`: `torch.onnx.export(dynamo=True)` (needs `onnxscript`) with a dynamic batch axis
-  (1..`max_batch`) and sequence axis (2..`max_seq_len`); input `input_ids` (int64), output
-  `logits` (fp32). Weights are embedded (models under 2 GB).
 - `quantize_int8`: ONNX Runtime's dynamic quantization, INT8 weights per output channel, for CPU
   serving. `convert_fp16`: FP16 weights and compute with fp32 inputs and outputs, for GPUs
   (TensorRT takes its precision from this model).
@@ -27,7 +25,7 @@ import torch
 from torch import nn
 
 from fedglm.data import IGNORE_INDEX, eval_windows
-from fedglm.model import GLM
+from fedglm.models.causal import forward_logits
 
 INPUT_NAME = "input_ids"
 OUTPUT_NAME = "logits"
@@ -59,29 +57,6 @@ def _quiet() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-
-
-def export_onnx(model: GLM, path: Path, *, max_batch: int) -> None:
-    """Export `model` to ONNX at `path` with dynamic batch and sequence axes."""
-    from torch.export import Dim
-
-    model = model.eval().cpu()
-    example = torch.randint(0, model.args.vocab_size, (2, min(16, model.args.max_seq_len)))
-    batch = Dim("batch", min=1, max=max(2, max_batch))
-    seq = Dim("seq", min=2, max=model.args.max_seq_len)
-    with _quiet(), _written(path) as tmp:
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes={"tokens": {0: batch, 1: seq}},
-            verbose=False,
-        )
-        if program is None:
-            raise RuntimeError("torch.onnx.export returned no program")
-        program.save(str(tmp), external_data=False)
 
 
 def quantize_int8(source: Path, path: Path) -> None:
@@ -132,16 +107,22 @@ class Parity:
 
 @torch.no_grad()
 def check_parity(
-    model: GLM, variant: nn.Module, name: str, records: Sequence[list[int]], *, seq_len: int, batches: int
+    model: nn.Module,
+    variant: nn.Module,
+    name: str,
+    records: Sequence[list[int]],
+    *,
+    seq_len: int,
+    batches: int,
 ) -> Parity:
     """Compare `variant` with `model` (torch, fp32) on up to `batches` batches of 8 windows."""
     model = model.eval().cpu()
     worst, agree, total = 0.0, 0, 0
-    windows = eval_windows(records, seq_len=min(seq_len, model.args.max_seq_len), batch_size=8)
+    windows = eval_windows(records, seq_len=seq_len, batch_size=8)
     for done, (inputs, targets) in enumerate(windows):
         if done == batches:
             break
-        expected = model(inputs)
+        expected = forward_logits(model, inputs)
         got = variant(inputs)
         real = targets != IGNORE_INDEX
         worst = max(worst, float((got - expected).abs()[real].max()))

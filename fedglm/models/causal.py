@@ -8,17 +8,11 @@ per-record gradients need every tensor to have the batch as its first dimension.
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedModel
 
 
 def forward_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(batch, seq) token ids -> (batch, seq, vocab) logits of a causal LM (or an Opacus wrap)."""
-    inner = getattr(model, "_module", model)  # Opacus' wrappers hold the model as `_module`
-    if not isinstance(inner, PreTrainedModel | PeftModel):
-        plain: torch.Tensor = model(tokens)  # fedglm's own decoder, until the switch retires it
-        return plain
     batch, seq = tokens.shape
     positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
     out = model(input_ids=tokens, position_ids=positions, use_cache=False)

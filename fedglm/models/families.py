@@ -98,3 +98,19 @@ def shape_of(config: Any) -> Shape:
         head_dim=int(head_dim),
         channels=int(config.intermediate_size),
     )
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """A model's shape for reports and the model card."""
+    config = model.config
+    shape = shape_of(config)
+    return {
+        "architecture": family_of(config).architecture,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": shape.layers,
+        "d_model": shape.hidden,
+        "heads": [shape.heads] * shape.layers,
+        "ffn_channels": [shape.channels] * shape.layers,
+        "max_seq_len": int(getattr(config, "max_position_embeddings", 0) or 0),
+        "vocab_size": int(config.vocab_size),
+    }

@@ -2,11 +2,11 @@
 
 `fedglm server` writes the run's spec (`run-spec.json`) into the run folder and passes its path
 as the run config value `fedglm-spec`. The app reads as three steps: `start_or_resume` (the
-model from the seed or the named base model, with LoRA adapters when sites train only those;
-or the folder's checkpoint), `make_strategy` (`FedglmAvg` with the round settings and the
-ledger check), and `run_rounds`, after each of which the checkpoint is written (atomically)
-and then the round's metrics line. A fresh run draws a random run key and checkpoints round 0;
-clients keep their state (model copy, residual) under that key only.
+base model folder, with LoRA adapters when sites train only those; or the folder's checkpoint),
+`make_strategy` (`FedglmAvg` with the round settings and the ledger check), and `run_rounds`,
+after each of which the checkpoint is written (atomically) and then the round's metrics line. A
+fresh run draws a random run key and checkpoints round 0; clients keep their state (model copy,
+residual) under that key only.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec
 from fedglm.errors import InputError
 from fedglm.layout import DONE_NAME, MANIFEST_FILE, METRICS_NAME, RECEIPTS_DIR, SPEC_KEY
-from fedglm.lora import add_adapters, is_adapter
-from fedglm.model import build_model, count_parameters
-from fedglm.pretrain import load_base
+from fedglm.models.base import open_run_base
+from fedglm.models.lora import is_trained_adapter, wire_state
+from fedglm.models.pruning import Mask
+from fedglm.pretrain import read_base_manifest
 from fedglm.privacy.keys import load_private_key
 from fedglm.protocol import RoundConfig
-from fedglm.pruning import Mask
 from fedglm.server.broadcast import Broadcast
 from fedglm.server.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
 from fedglm.server.countersign import Countersigner
@@ -102,56 +102,51 @@ class Start:
 
 
 def start_or_resume(spec: RunSpec) -> Start:
-    """The model from the seed or the base model the config names, with LoRA adapters when sites
-    train only those; or, with `resume`, the folder's checkpoint (of the same model only)."""
+    """The base model, with LoRA adapters when sites train only those; or, with `resume`, the
+    folder's checkpoint (of the same base and adapters only)."""
     fed, out_dir = spec.federation, spec.out_dir
-    args = fed.model.glm_args()
-    lora = fed.train.lora_spec(fed.model.init_seed)
-    base = load_base(fed.base) if fed.base is not None else None
-    if base is not None:  # the run folder keeps the base's provenance for the model card
-        atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(base.manifest, indent=2) + "\n")
-    model = base.model if base is not None else build_model(args, fed.model.init_seed)
-    dense_bytes = 4 * count_parameters(model)  # the unpruned model, dense, without adapters
-    if lora is not None:
-        add_adapters(model, lora)
-    trainable = [name for name in model.state_dict() if is_adapter(name)] if lora else None
-    fingerprint = model_fingerprint(fed.model.model_dump(), base=base.hash if base else None, lora=lora)
-    first_round, mask = 1, Mask.full(args)
+    base = open_run_base(fed.base, fed.train.seq_len)
+    lora = fed.train.lora_spec(fed.model.init_seed, base.family)
+    manifest = read_base_manifest(base.folder)
+    if manifest is not None:  # the run folder keeps the base's provenance for the model card
+        atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    model = base.build(lora=lora)
+    dense_bytes = 4 * base.parameters  # the unpruned model, dense, without adapters
+    state = dict(wire_state(model))
+    trainable = [name for name in state if is_trained_adapter(name)] if lora else None
+    fingerprint = model_fingerprint(fed.model.model_dump(), base=base.hash, lora=lora)
+    first_round, mask = 1, Mask.full(base.shape)
     checkpoint = load_checkpoint(out_dir) if spec.resume else None
     if checkpoint is not None:
         if checkpoint.fingerprint != fingerprint:
             raise InputError(
-                f"{out_dir}: its checkpoint is of another model shape, base model or adapter setting; "
-                "use a new out_dir"
+                f"{out_dir}: its checkpoint is of another base model or adapter setting; use a new out_dir"
             )
-        # (a round-0 checkpoint is the model every site can build from the seed: INIT, as before)
+        # (a round-0 checkpoint is the model every site builds from its base folder: INIT, as before)
         broadcast = Broadcast(
-            checkpoint.state,
-            residual=checkpoint.residual,
-            trainable=trainable,
-            initial=checkpoint.round == 0 and base is None,
+            checkpoint.state, residual=checkpoint.residual, trainable=trainable, initial=checkpoint.round == 0
         )
         run_key = checkpoint.run_key
         first_round = checkpoint.round + 1
         if checkpoint.mask:
-            mask = Mask.from_json(checkpoint.mask, args)
-        metrics.truncate_after(out_dir, checkpoint.round)
+            mask = Mask.from_json(checkpoint.mask, base.shape)
+        # (from round 0, the base's evaluation is run again: its row goes)
+        metrics.truncate_after(out_dir, checkpoint.round if checkpoint.round > 0 else -1)
         log(INFO, "Resuming from the checkpoint of round %d", checkpoint.round)
     else:
-        # From a base, the first model a node gets is FULL (the base, sent once); else INIT.
-        broadcast = Broadcast(dict(model.state_dict()), initial=base is None, trainable=trainable)
+        # Every site builds the first model from its own copy of the base: round 1 sends INIT.
+        broadcast = Broadcast(state, initial=True, trainable=trainable)
         run_key = secrets.token_hex(8)
         if (out_dir / METRICS_NAME).exists():
             metrics.truncate_after(out_dir, 0)
     global_model = GlobalModel(
-        broadcast, model_args=args, pruning=fed.pruning, mask=mask, lora_scale=lora.scale if lora else None
+        broadcast, base=base, pruning=fed.pruning, mask=mask, lora_scale=lora.scale if lora else None
     )
     if checkpoint is None:
         # Round 0 is persisted too: a restart during round 1 resumes this run (same run key),
         # so a site that spent its budget on round 1 is not asked to spend it again.
         save_checkpoint(out_dir, global_model.checkpoint(0, run_key=run_key, fingerprint=fingerprint))
-    base_hash = base.hash if base is not None else None
-    return Start(global_model, run_key, first_round, fingerprint, base_hash, dense_bytes)
+    return Start(global_model, run_key, first_round, fingerprint, base.hash, dense_bytes)
 
 
 def make_strategy(spec: RunSpec, start: Start) -> FedglmAvg:

@@ -22,9 +22,9 @@ from flwr.common import log
 
 from fedglm.compression import CODECS
 from fedglm.config import LinkConfig, PruningConfig
-from fedglm.lora import merge_adapters
-from fedglm.model import GLMArgs
-from fedglm.pruning import Mask, choose_mask, slice_state
+from fedglm.models.base import BaseModel
+from fedglm.models.lora import merge_adapters
+from fedglm.models.pruning import Mask, choose_mask, slice_state
 from fedglm.server.broadcast import Broadcast
 from fedglm.server.checkpoint import Checkpoint
 
@@ -36,17 +36,17 @@ class GlobalModel:
         self,
         broadcast: Broadcast,
         *,
-        model_args: GLMArgs | None = None,
+        base: BaseModel | None = None,
         pruning: PruningConfig | None = None,
         mask: Mask | None = None,
         lora_scale: float | None = None,
     ) -> None:
-        if (pruning is not None or mask is not None) and model_args is None:
-            raise ValueError("pruning needs the unpruned model's args")
+        if (pruning is not None or mask is not None) and base is None:
+            raise ValueError("pruning needs the unpruned model's shape (its base)")
         self.broadcast = broadcast
-        self.model_args = model_args
+        self.base = base
         self.pruning = pruning or PruningConfig()
-        self.mask = mask or (Mask.full(model_args) if model_args is not None else None)
+        self.mask = mask or (Mask.full(base.shape) if base is not None else None)
         self.lora_scale = lora_scale  # set when sites train LoRA adapters: rank the merged model
 
     @property
@@ -60,7 +60,7 @@ class GlobalModel:
     @property
     def mask_json(self) -> str:
         """The current pruning mask as sent to sites; "" while the model is unpruned."""
-        if self.mask is None or self.model_args is None or self.mask == Mask.full(self.model_args):
+        if self.mask is None or self.base is None or self.mask == Mask.full(self.base.shape):
             return ""
         return self.mask.to_json()
 
@@ -75,20 +75,20 @@ class GlobalModel:
     def prune(self, server_round: int) -> bool:
         """Slice the model if the schedule prunes at this round; whether its shape changed."""
         step = self.pruning.step_at(server_round)
-        if step is None or self.mask is None or self.model_args is None:
+        if step is None or self.mask is None or self.base is None:
             return False
-        args, held = self.model_args, self.mask
+        shape, family, held = self.base.shape, self.base.family, self.mask
         state = self.broadcast.state
         ranked = state if self.lora_scale is None else merge_adapters(state, self.lora_scale)
-        target = choose_mask(ranked, args, held, heads=step.heads, channels=step.channels)
+        target = choose_mask(ranked, shape, family, held, heads=step.heads, channels=step.channels)
         if target == held:
             return False
-        self.broadcast.reshape(lambda state: slice_state(state, args, held, target))
+        self.broadcast.reshape(lambda state: slice_state(state, shape, family, held, target))
         self.mask = target
         heads, channels = target.kept()
         log(
             INFO,
-            "round %d: pruned the global model to %d heads and %d channels",
+            "round %d: pruned the global model to %d heads and %d channels per layer",
             server_round,
             heads,
             channels,

@@ -133,10 +133,17 @@ def run_rounds(
 ) -> int:
     """Run rounds `first_round..last_round`; `on_round` persists each finished round's row.
 
-    The run ends early, after the last finished round, when too few sites have privacy budget
-    left to train (all selected sites declined, or fewer than `min_clients` remain). Returns
-    the last finished round.
+    A fresh run first evaluates the base model at the sites, as every round is evaluated, and
+    hands that over as round 0 (no training, no privacy spent). The run ends early, after the
+    last finished round, when too few sites have privacy budget left to train (all selected
+    sites declined, or fewer than `min_clients` remain). Returns the last finished round.
     """
+    if first_round == 1:
+        start = time.perf_counter()
+        traffic = Traffic(dense_model_bytes)
+        replies = traffic.exchange(grid, strategy.evaluate_messages(0, grid), timeout, strategy.full_model)
+        evaluated = strategy.evaluate_outcome(0, replies)
+        on_round(0, round_row(0, TrainOutcome.nothing(), evaluated, traffic, time.perf_counter() - start))
     for server_round in range(first_round, last_round + 1):
         log(INFO, "[ROUND %d/%d]", server_round, last_round)
         start = time.perf_counter()

@@ -71,6 +71,13 @@ class TrainOutcome:
     train_loss: float | None  # mean of the losses sites declared public
     epsilon: dict[str, float]  # each site's largest countersigned epsilon so far
 
+    @classmethod
+    def nothing(cls) -> TrainOutcome:
+        """No training (round 0: the base model evaluated)."""
+        return cls(
+            clients=0, declined=0, rejections={}, clipped=0, norm_bound=None, train_loss=None, epsilon={}
+        )
+
 
 @dataclass(frozen=True)
 class EvalOutcome:
