@@ -90,8 +90,11 @@ class OnnxLM(nn.Module):
         self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: tokens.cpu().numpy().astype(np.int64)})
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, use_cache: bool = False
+    ) -> torch.Tensor:
+        """Logits of `input_ids`; the exported graph computes the positions itself, no cache."""
+        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: input_ids.cpu().numpy().astype(np.int64)})
         return torch.from_numpy(np.asarray(logits, dtype=np.float32))
 
 

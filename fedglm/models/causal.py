@@ -16,5 +16,7 @@ def forward_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     batch, seq = tokens.shape
     positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
     out = model(input_ids=tokens, position_ids=positions, use_cache=False)
-    result: torch.Tensor = out.logits if hasattr(out, "logits") else out[0]
+    if isinstance(out, torch.Tensor):  # a model that returns logits itself (an ONNX session's wrapper)
+        return out
+    result: torch.Tensor = out.logits
     return result
