@@ -85,10 +85,8 @@ class BaseModel:
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         tokenizer = load_tokenizer(self.folder)
-        if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
-            raise InputError(
-                f"{self.folder}: its tokenizer has no BOS or EOS token; records are framed by them"
-            )
+        if tokenizer.eos_token_id is None:
+            raise InputError(f"{self.folder}: its tokenizer has no EOS token, which ends every record")
         return tokenizer
 
     def check_lora(self, lora: LoraSpec | None) -> None:
