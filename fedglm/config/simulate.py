@@ -26,7 +26,7 @@ class SimulateConfig(Section):
     # MLP channels at round 2; round 3 recovers.
     federation: FederationConfig = FederationConfig(
         min_clients=3,
-        train=TrainConfig(adapters="lora", lr=3e-3),
+        train=TrainConfig(adapters="lora", lr=1e-2),
         pruning=PruningConfig(schedule=[PruneStep(round=2, channels=0.25)]),
     )
     sites: list[SiteSpec] | None = None
