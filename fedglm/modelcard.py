@@ -304,11 +304,14 @@ def render_markdown(card: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _render_base(base: dict[str, Any] | None) -> list[str]:
-    if base is None:
-        return ["Start: random weights (no base model).", ""]
-    if "hash" not in base:
-        return [f"Start: base model {base['path']} (its manifest is {base['manifest']}).", ""]
+def _render_base(base: dict[str, Any]) -> list[str]:
+    if "inputs" not in base:
+        return [
+            "## Base model",
+            "",
+            f"- {base['path']}, folder hash {base['hash']} (manifest: {base['manifest']}).",
+            "",
+        ]
     sources = "; ".join(
         f"{i['path']} (SHA-256 {i['sha256'][:16]}..., {i['records']:,} records)"
         if "sha256" in i

@@ -6,13 +6,16 @@ from fedglm.config import (
     CoordinatorConfig,
     FederationConfig,
     HospitalConfig,
-    ModelConfig,
     PretrainConfig,
+    PretrainModelConfig,
     SimulateConfig,
+    TrainConfig,
     UplinkConfig,
     load_config,
 )
 from fedglm.errors import InputError
+from fedglm.models.base import BaseModel, open_run_base
+from fedglm.models.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +90,13 @@ def test_unknown_key_names_key_and_allowed(tmp_path: Path) -> None:
         ("port: 70000\n", "port = 70000"),
         ("federation:\n  rounds: many\n", "federation.rounds = 'many'"),
         ("federation:\n  train:\n    precision: fp8\n", "federation.train.precision = 'fp8'"),
-        ("federation:\n  model:\n    d_model: 60\n    n_heads: 8\n", "multiple of n_heads"),
-        ("federation:\n  train:\n    seq_len: 4096\n", "exceeds model.max_seq_len"),
+        ("federation:\n  train:\n    lora_targets: [qkv]\n", "federation.train.lora_targets.0 = 'qkv'"),
+        ("federation:\n  train:\n    lora_targets: [q_proj, q_proj]\n", "lists a projection twice"),
+        # the retired decoder's shape keys: the shape is the base folder's now
+        (
+            "federation:\n  model:\n    preset: tiny\n",
+            "unknown key 'federation.model.preset'; allowed here: init_seed",
+        ),
         ("federation:\n  train:\n    local_epochs: 1\n", "exactly one of local_steps"),
     ],
 )
@@ -108,25 +116,72 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 def test_missing_required_key(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="missing required key 'data'"):
-        load_config(write(tmp_path, "site: a\ncoordinator: 127.0.0.1:9092\n"), HospitalConfig)
+        load_config(write(tmp_path, "site: a\ncoordinator: 127.0.0.1:9092\nbase: model\n"), HospitalConfig)
+
+
+def test_a_hospital_must_name_its_base_model_folder(tmp_path: Path) -> None:
+    text = "site: a\ncoordinator: 127.0.0.1:9092\ndata:\n  path: notes\n"
+    with pytest.raises(InputError) as err:
+        load_config(write(tmp_path, text), HospitalConfig)
+    assert str(err.value) == f"{tmp_path / 'c.yaml'}: missing required key 'base'"
+    # The retired pin is refused by name: the folder's own hash is what a site checks now.
+    with pytest.raises(InputError, match="unknown key 'base_hash'"):
+        load_config(write(tmp_path, text + f"base: model\nbase_hash: {'ab' * 32}\n"), HospitalConfig)
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
     text = (
         "site: a\ncoordinator: 127.0.0.1:9092\nca_cert: certs/ca.crt\ndata:\n  path: notes\n"
-        "privacy:\n  sample_rate: 0.05\n  signing_key: keys/site.key\n"
+        "privacy:\n  sample_rate: 0.05\n  signing_key: keys/site.key\nbase: models/glm4\n"
     )
     cfg = load_config(write(tmp_path, text), HospitalConfig)
     assert cfg.ca_cert == tmp_path / "certs" / "ca.crt"
+    assert cfg.base == cfg.site_spec().base == tmp_path / "models" / "glm4"
     assert cfg.data.path == tmp_path / "notes"
     assert cfg.site_spec().signing_key() == tmp_path / "keys" / "site.key"
 
 
-def test_preset_fills_sizes_and_explicit_keys_override() -> None:
-    small = ModelConfig(preset="small")
-    assert (small.d_model, small.n_layers) == (256, 4)
-    custom = ModelConfig.model_validate({"preset": "small", "n_layers": 2})
-    assert (custom.d_model, custom.n_layers) == (256, 2)
+def test_a_pretrain_preset_bounds_its_window() -> None:
+    assert PretrainModelConfig(preset="small").max_positions == 512
+    assert PretrainConfig(model=PretrainModelConfig(preset="small"), seq_len=512).seq_len == 512
+    with pytest.raises(ValueError, match="seq_len \\(512\\) exceeds the tiny preset's 256 positions"):
+        PretrainConfig(seq_len=512)
+
+
+def test_the_run_base_is_required_and_bounds_the_window(tiny_base: Path) -> None:
+    with pytest.raises(InputError, match=r"federation\.base is not set"):
+        open_run_base(None, 128)
+    with pytest.raises(
+        InputError, match=r"train.seq_len \(4096\) exceeds the 256 positions of the base model"
+    ):
+        open_run_base(tiny_base, 4096)
+    assert open_run_base(tiny_base, 256).shape.heads == 4
+
+
+def test_lora_targets_default_to_every_projection_of_the_family() -> None:
+    lora = TrainConfig(adapters="lora")
+    glm4, llama = FAMILIES["Glm4ForCausalLM"], FAMILIES["LlamaForCausalLM"]
+    spec = lora.lora_spec(5, glm4)
+    assert spec is not None and spec.seed == 6  # A is drawn from init_seed + 1 by every party
+    assert spec.targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+    llama_spec = lora.lora_spec(5, llama)
+    assert llama_spec is not None
+    assert llama_spec.targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert TrainConfig().lora_spec(5, glm4) is None  # full fine-tuning: no adapters
+
+
+def test_lora_targets_the_base_family_lacks_are_refused_naming_the_field(tiny_base: Path) -> None:
+    base = BaseModel.open(tiny_base)  # GLM-4: one fused gate_up_proj, no gate_proj
+    spec = TrainConfig(adapters="lora", lora_targets=["q_proj", "gate_proj"]).lora_spec(0, base.family)
+    with pytest.raises(InputError) as err:
+        base.check_lora(spec)
+    assert str(err.value) == (
+        "train.lora_targets: lora target 'gate_proj' is not a projection of Glm4ForCausalLM "
+        "(it has q_proj, k_proj, v_proj, o_proj, gate_up_proj, down_proj)"
+    )
+    with pytest.raises(InputError, match=r"train\.lora_targets: lora target 'gate_proj'"):
+        base.build(lora=spec)
+    base.check_lora(TrainConfig(adapters="lora", lora_targets=["gate_up_proj"]).lora_spec(0, base.family))
 
 
 def test_configs_are_frozen() -> None:

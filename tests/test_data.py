@@ -8,14 +8,20 @@ from hypothesis import strategies as st
 
 from fedglm.data import (
     IGNORE_INDEX,
-    encode,
+    PAD_INPUT,
     eval_windows,
     load_records,
     sample_batches,
     split_records,
+    text_bytes,
 )
 from fedglm.errors import InputError
-from fedglm.model import BOS_ID, EOS_ID
+from fedglm.models.tokenizer import encode_record, encode_records
+from tests.bases import tokenizer
+
+
+def encode(text: str) -> list[int]:
+    return encode_record(tokenizer(), text)
 
 
 def test_csv_jsonl_and_txt_folder(tmp_path: Path) -> None:
@@ -76,8 +82,18 @@ def test_split_keeps_one_validation_record_and_refuses_too_few() -> None:
         split_records(["only"], 0.999999, seed=0)
 
 
-def test_encode_frames_utf8_bytes() -> None:
-    assert encode("é") == [BOS_ID, 0xC3, 0xA9, EOS_ID]
+def test_records_are_framed_by_bos_and_eos_and_round_trip() -> None:
+    tok = tokenizer()
+    for text in ("é", "Patient reports chest pain; BP 140/90.", "", "日本語 ✓"):
+        tokens = encode(text)
+        assert tokens[0] == tok.bos_token_id and tokens[-1] == tok.eos_token_id
+        assert tok.decode(tokens[1:-1]) == text  # byte level: no unknown token, whatever the script
+    texts = ["first note", "é", ""]
+    assert encode_records(tok, texts) == [encode(t) for t in texts]
+
+
+def test_bits_per_byte_count_utf8_bytes_not_tokens() -> None:
+    assert text_bytes(["é", "ab", ""]) == 4
 
 
 @settings(max_examples=30, deadline=None)
@@ -94,9 +110,11 @@ def test_batches_hold_distinct_records_and_real_windows(texts: list[str], batch_
         # Targets are the inputs shifted by one, inside one record.
         assert torch.equal(inputs[row, 1:n], targets[row, : n - 1])
         assert valid[:n].all() and not valid[n:].any()
+        assert (inputs[row, n:] == PAD_INPUT).all()  # past the record's end: padding, not predicted
 
 
 def test_eval_windows_predict_every_token_once() -> None:
     records = [encode("a" * 40), encode("bc")]
+    assert len(records[0]) > 2 * 16  # the long record spans several windows
     total = sum(int((t != IGNORE_INDEX).sum()) for _, t in eval_windows(records, seq_len=16, batch_size=2))
     assert total == sum(len(r) - 1 for r in records)

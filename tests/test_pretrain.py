@@ -4,6 +4,7 @@ and the base's shape for the federation."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,15 @@ def settings(out: Path, **overrides: object) -> dict[str, object]:
 
 def config(out: Path, **overrides: object) -> PretrainConfig:
     return PretrainConfig.model_validate(settings(out, **overrides))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a loaded 2-core machine two threads ran a tiny model 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Stop(Exception):
@@ -144,4 +154,3 @@ def test_a_federation_takes_the_base_folders_shape(tmp_path: Path) -> None:
         open_run_base(folder, seq_len=512)
     with pytest.raises(ValueError, match=r"seq_len \(512\) exceeds the tiny preset's 256 positions"):
         config(tmp_path, seq_len=512)
-

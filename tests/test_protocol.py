@@ -12,7 +12,14 @@ from fedglm.protocol import BASE_HASH_KEY, MASK_KEY, RoundConfig, read_receipts,
 
 
 def full_config(**changes: object) -> RoundConfig:
-    fed = FederationConfig(train=TrainConfig(local_steps=None, local_epochs=0.5, grad_clip=None))
+    train = TrainConfig(
+        local_steps=None,
+        local_epochs=0.5,
+        grad_clip=None,
+        adapters="lora",
+        lora_targets=["q_proj", "down_proj"],
+    )
+    fed = FederationConfig(model=ModelConfig(init_seed=3), train=train)
     settings = {
         "model": fed.model,
         "train": fed.train,
@@ -33,12 +40,19 @@ def test_a_round_config_round_trips_including_nulls() -> None:
     record = config.to_record()
     assert all(v is not None for v in record.values())  # a ConfigRecord holds no None
     assert RoundConfig.from_record(record) == config
+    assert config.train.lora_targets == ["q_proj", "down_proj"]
+    # Unset LoRA targets (every projection of the base's family) stay unset on the way.
+    default = full_config(train=TrainConfig(adapters="lora"))
+    assert "train.lora_targets" not in default.to_record()
+    assert RoundConfig.from_record(default.to_record()).train.lora_targets is None
 
 
 def test_the_wire_keys_stay_what_sites_of_earlier_releases_read() -> None:
     record = full_config().to_record()
     assert {"seed", "server-round", "rounds", "run-key", MASK_KEY, BASE_HASH_KEY} <= set(record)
-    assert {"uplink.codec", "uplink.density", "uplink.selection", "model.d_model", "train.lr"} <= set(record)
+    assert {"uplink.codec", "uplink.density", "uplink.selection", "model.init_seed", "train.lr"} <= set(
+        record
+    )
 
 
 def test_a_stock_flower_config_reads_with_defaults() -> None:
@@ -65,7 +79,10 @@ def test_a_stock_flower_config_reads_with_defaults() -> None:
         (BASE_HASH_KEY, "AB" * 32, PayloadError, "expected 64 hex digits"),
         ("train.lr", float("inf"), InputError, "lr = inf"),
         ("uplink.codec", "zip", InputError, "codec"),
-        ("model.d_model", -1, InputError, "d_model"),
+        ("model.init_seed", "x", InputError, "init_seed"),
+        ("train.lora_targets", ["qkv"], InputError, "lora_targets"),
+        # a coordinator still describing the retired decoder's shape is refused, not half-read
+        ("model.d_model", 64, InputError, "unknown key 'd_model'"),
     ],
 )
 def test_a_bad_key_is_named(key: str, value: object, error: type[Exception], match: str) -> None:

@@ -8,9 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fedglm.cli.main import app
+from fedglm.config import DataConfig, PrivacyConfig, SimulateConfig, SiteSpec, load_config
 from fedglm.errors import InputError
 from fedglm.layout import SIMULATION_MARK
-from fedglm.simulate import PREVIOUS, check_out_dir, keep_earlier_run
+from fedglm.simulate import PREVIOUS, check_out_dir, keep_earlier_run, with_base
 
 
 def earlier_simulation(out: Path) -> None:
@@ -21,7 +22,7 @@ def earlier_simulation(out: Path) -> None:
         "DONE": "",
         "sites/site-1/state/privacy/ledger.jsonl": "a ledger line\n",
         "sites/site-1/state/ledger.key": "a key",
-        "base/base.pt": "a cached base",
+        "base/model/config.json": "a cached base model folder",
     }.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
@@ -63,3 +64,25 @@ def test_an_earlier_simulation_is_moved_aside_not_deleted(tmp_path: Path) -> Non
     assert (kept / "sites/site-1/state/privacy/ledger.jsonl").read_text() == "a ledger line\n"
     assert (kept / "sites/site-1/state/ledger.key").exists() and (kept / "metrics.jsonl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", PREVIOUS, SIMULATION_MARK])
+    assert (tmp_path / "base" / "model" / "config.json").exists()  # the pretrained base is reused
+
+
+def test_a_simulation_needs_a_base_folder_or_a_pretrain_section(tmp_path: Path) -> None:
+    config = tmp_path / "s.yaml"
+    config.write_text("pretrain: null\n")
+    with pytest.raises(InputError, match=r"set federation\.base \(a model folder\) or a pretrain section"):
+        load_config(config, SimulateConfig)
+    config.write_text("pretrain: null\nfederation:\n  base: model\n")
+    assert load_config(config, SimulateConfig).federation.base == tmp_path / "model"
+    assert SimulateConfig().pretrain is not None  # the default pretrains a base on public text
+
+
+def test_sites_fine_tune_the_federation_base_unless_they_name_their_own_copy(tmp_path: Path) -> None:
+    data = DataConfig(path=tmp_path / "notes.csv", field="text")
+    privacy = PrivacyConfig(sample_rate=0.1)
+    own = SiteSpec(name="own", data=data, privacy=privacy, base=tmp_path / "copy")
+    plain = SiteSpec(name="plain", data=data, privacy=privacy)
+    assert plain.base is None
+    sites = with_base([own, plain], tmp_path / "base" / "model")
+    assert [site.base for site in sites] == [tmp_path / "copy", tmp_path / "base" / "model"]
+    assert [site.name for site in sites] == ["own", "plain"]

@@ -11,8 +11,8 @@ Anything else raises `StaleModel`; the coordinator then sends that site the full
 The coordinator announces the base folder's hash in every round config, and a site whose own
 folder hashes otherwise refuses the run (`check_base`): the base never crosses the network and
 the coordinator cannot swap it. With LoRA adapters the base stays frozen, so a FULL model's
-non-adapter tensors must equal the site's own base (sliced to the mask), and a DELTA may carry
-adapter tensors only.
+tensors other than the adapters' B (the base, and A drawn from the run's seed) must equal what
+the site builds itself (sliced to the mask), and a DELTA may carry B tensors only.
 
 Whatever its route, the model must pass `limits.check_weights` (finite, bounded) before the
 site trains on it.
@@ -35,7 +35,7 @@ from fedglm.compression.update import apply
 from fedglm.errors import InputError
 from fedglm.models.base import BaseModel
 from fedglm.models.families import Shape
-from fedglm.models.lora import LoraSpec, base_state, is_adapter, wire_state
+from fedglm.models.lora import LoraSpec, is_trained_adapter, wire_state
 from fedglm.models.pruning import Mask, slice_state
 from fedglm.payload import STALE_MODEL
 
@@ -100,9 +100,9 @@ def receive_model(
         if held is None or held.hash != header.base:
             holds = "nothing" if held is None else held.hash.hex()[:12]
             raise StaleModel(f"the change is built on {header.base.hex()[:12]}, this site holds {holds}")
-        frozen = [name for name in tensors if not is_adapter(name)]
+        frozen = [name for name in tensors if not is_trained_adapter(name)]
         if lora is not None and frozen:
-            raise PayloadError(f"a change to the frozen base ({frozen[0]}) under LoRA", "frozen-base")
+            raise PayloadError(f"a change to a frozen tensor ({frozen[0]}) under LoRA", "frozen-base")
         state = held.state
         apply(state, tensors)
     elif header.kind == Kind.FULL:
@@ -112,9 +112,15 @@ def receive_model(
             name: torch.from_numpy(tensors[name].dense(math.prod(shape)).reshape(shape).copy())
             for name, shape in shapes.items()
         }
-        if lora is not None:
-            own = base_state(wire_state(base.build(lora=lora, mask=mask)))
-            _check_base(model_hash(base_state(state)), model_hash(own))
+        if lora is not None:  # everything but B is frozen: it must be what this site builds itself
+            own = {
+                n: t
+                for n, t in wire_state(base.build(lora=lora, mask=mask)).items()
+                if not is_trained_adapter(n)
+            }
+            _check_base(
+                model_hash({n: t for n, t in state.items() if not is_trained_adapter(n)}), model_hash(own)
+            )
     elif header.kind == Kind.INIT:
         state = dict(wire_state(base.build(lora=lora, mask=mask)))
     else:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from fedglm.errors import InputError
@@ -136,7 +137,7 @@ def load_model(folder: Path, *, dtype: torch.dtype = torch.float32) -> PreTraine
             dtype=dtype,
             output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise InputError(
             f"{folder}: cannot load the model ({type(exc).__name__}: {str(exc)[:120]})"
         ) from None

@@ -4,7 +4,8 @@ Byte level means every UTF-8 string round-trips exactly (no unknown token), what
 script. Special tokens: `<|bos|>` opens a record, `<|eos|>` closes it and also pads. It is
 wrapped as `PreTrainedTokenizerFast`, so `save_pretrained` writes a folder that transformers 4
 and 5 both load. A record is encoded as `[bos] + tokens + [eos]` (a checkpoint's tokenizer
-without BOS, as Qwen2's and GLM-4's: `tokens + [eos]`).
+without BOS, as Qwen2's and GLM-4's: `tokens + [eos]`). A record's text is never read as
+special tokens: "<|eos|>" written in a note is plain characters (`split_special_tokens`).
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ def _frame(tokenizer: PreTrainedTokenizerFast) -> tuple[list[int], list[int]]:
 def encode_record(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     """One record's token ids, framed by BOS (if any) and EOS."""
     bos, eos = _frame(tokenizer)
-    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
     return [*bos, *ids, *eos]
 
 
 def encode_records(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
     """Every record framed by BOS (if any) and EOS (the fast tokenizer encodes them at once)."""
     bos, eos = _frame(tokenizer)
-    batch = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    batch = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return [[*bos, *ids, *eos] for ids in batch]

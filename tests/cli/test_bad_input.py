@@ -33,6 +33,7 @@ def assert_one_line(code: int, stderr: str, *fragments: str) -> None:
 
 def hospital(
     tmp_path: Path,
+    base: Path,
     *,
     data: str = "notes.csv",
     field: str = "text",
@@ -43,7 +44,7 @@ def hospital(
     (tmp_path / "notes.csv").write_text("text\nfirst note\nsecond note\nthird note\n")
     path = tmp_path / "h.yaml"
     path.write_text(
-        f"site: h1\ncoordinator: {coordinator}\nruntime_port: {port or free_port()}\n"
+        f"site: h1\ncoordinator: {coordinator}\nruntime_port: {port or free_port()}\nbase: {base}\n"
         + (f"ca_cert: {ca}\n" if ca else "")
         + f"state_dir: state\ndata:\n  path: {data}\n  field: {field}\n"
         + "privacy:\n  sample_rate: 0.1\n"
@@ -61,43 +62,45 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert_one_line(*run("server", "--config", str(tmp_path / "none.yaml")), "does not exist")
 
 
-def test_missing_data_file(tmp_path: Path, certs: CertPaths) -> None:
-    config = hospital(tmp_path, data="missing.csv", ca=certs.ca_cert)
+def test_missing_data_file(tmp_path: Path, certs: CertPaths, tiny_base: Path) -> None:
+    config = hospital(tmp_path, tiny_base, data="missing.csv", ca=certs.ca_cert)
     assert_one_line(*run("client", "--config", str(config)), "missing.csv does not exist")
 
 
-def test_no_such_column(tmp_path: Path, certs: CertPaths) -> None:
-    config = hospital(tmp_path, field="note", ca=certs.ca_cert)
+def test_no_such_column(tmp_path: Path, certs: CertPaths, tiny_base: Path) -> None:
+    config = hospital(tmp_path, tiny_base, field="note", ca=certs.ca_cert)
     assert_one_line(*run("client", "--config", str(config)), "no column 'note'", "columns are: text")
 
 
-def test_record_not_utf8(tmp_path: Path, certs: CertPaths) -> None:
-    config = hospital(tmp_path, ca=certs.ca_cert)
+def test_record_not_utf8(tmp_path: Path, certs: CertPaths, tiny_base: Path) -> None:
+    config = hospital(tmp_path, tiny_base, ca=certs.ca_cert)
     (tmp_path / "notes.csv").write_bytes(b"text\nok\n\xe9t\xe9\n")
     assert_one_line(*run("client", "--config", str(config)), "not valid UTF-8", "line 3")
 
 
-def test_client_without_ca_or_insecure_off_loopback(tmp_path: Path) -> None:
-    assert_one_line(*run("client", "--config", str(hospital(tmp_path))), "set ca_cert")
-    config = hospital(tmp_path, coordinator="10.1.2.3:9092")
+def test_client_without_ca_or_insecure_off_loopback(tmp_path: Path, tiny_base: Path) -> None:
+    assert_one_line(*run("client", "--config", str(hospital(tmp_path, tiny_base))), "set ca_cert")
+    config = hospital(tmp_path, tiny_base, coordinator="10.1.2.3:9092")
     assert_one_line(*run("client", "--config", str(config), "--insecure"), "only allowed on a loopback")
 
 
-def test_unreachable_coordinator_gives_up_when_asked(tmp_path: Path, certs: CertPaths) -> None:
-    config = hospital(tmp_path, ca=certs.ca_cert, coordinator=f"127.0.0.1:{free_port()}")
+def test_unreachable_coordinator_gives_up_when_asked(
+    tmp_path: Path, certs: CertPaths, tiny_base: Path
+) -> None:
+    config = hospital(tmp_path, tiny_base, ca=certs.ca_cert, coordinator=f"127.0.0.1:{free_port()}")
     make_keys(tmp_path / "state", "ledger")
     code, stderr = run("client", "--config", str(config), "--give-up-after", "2")
     assert_one_line(code, stderr, "unreachable after")
 
 
-def test_client_without_a_signing_key(tmp_path: Path, certs: CertPaths) -> None:
-    config = hospital(tmp_path, ca=certs.ca_cert)
+def test_client_without_a_signing_key(tmp_path: Path, certs: CertPaths, tiny_base: Path) -> None:
+    config = hospital(tmp_path, tiny_base, ca=certs.ca_cert)
     code, stderr = run("client", "--config", str(config))
     assert_one_line(code, stderr, "no signing key at", "fedglm keys --out")
 
 
-def test_client_with_a_damaged_ledger(tmp_path: Path, certs: CertPaths) -> None:
-    config = hospital(tmp_path, ca=certs.ca_cert)
+def test_client_with_a_damaged_ledger(tmp_path: Path, certs: CertPaths, tiny_base: Path) -> None:
+    config = hospital(tmp_path, tiny_base, ca=certs.ca_cert)
     make_keys(tmp_path / "state", "ledger")
     (tmp_path / "state" / "privacy").mkdir()
     (tmp_path / "state" / "privacy" / "ledger.jsonl").write_text('{"entry": ')
@@ -116,23 +119,23 @@ def test_client_with_a_damaged_ledger(tmp_path: Path, certs: CertPaths) -> None:
         ("unit: window", "privacy.unit"),
     ],
 )
-def test_bad_privacy_settings(tmp_path: Path, privacy: str, fragment: str) -> None:
-    config = hospital(tmp_path)
+def test_bad_privacy_settings(tmp_path: Path, privacy: str, fragment: str, tiny_base: Path) -> None:
+    config = hospital(tmp_path, tiny_base)
     config.write_text(config.read_text() + f"  {privacy}\n")
     assert_one_line(*run("client", "--config", str(config)), fragment)
 
 
-def test_sampling_rate_that_would_publish_the_record_count(tmp_path: Path) -> None:
-    config = hospital(tmp_path)
+def test_sampling_rate_that_would_publish_the_record_count(tmp_path: Path, tiny_base: Path) -> None:
+    config = hospital(tmp_path, tiny_base)
     config.write_text(config.read_text().replace("privacy:\n  sample_rate: 0.1\n", ""))
     assert_one_line(*run("client", "--config", str(config)), "set privacy.sample_rate", "share.record_count")
 
 
-def test_runtime_port_in_use(tmp_path: Path, certs: CertPaths) -> None:
+def test_runtime_port_in_use(tmp_path: Path, certs: CertPaths, tiny_base: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        config = hospital(tmp_path, ca=certs.ca_cert, port=busy.getsockname()[1])
+        config = hospital(tmp_path, tiny_base, ca=certs.ca_cert, port=busy.getsockname()[1])
         assert_one_line(*run("client", "--config", str(config)), "already in use")
 
 
@@ -169,20 +172,25 @@ def superlink(tmp_path: Path, certs: CertPaths) -> Iterator[int]:
 
 
 @pytest.mark.integration
-def test_wrong_ca_certificate(tmp_path: Path, superlink: int, other_certs: CertPaths) -> None:
-    config = hospital(tmp_path, ca=other_certs.ca_cert, coordinator=f"127.0.0.1:{superlink}")
+def test_wrong_ca_certificate(
+    tmp_path: Path, superlink: int, other_certs: CertPaths, tiny_base: Path
+) -> None:
+    config = hospital(tmp_path, tiny_base, ca=other_certs.ca_cert, coordinator=f"127.0.0.1:{superlink}")
     make_keys(tmp_path / "state", "ledger")
     assert_one_line(*run("client", "--config", str(config)), "does not verify the coordinator")
 
 
 @pytest.mark.integration
-def test_second_server_on_a_port_in_use(tmp_path: Path, superlink: int, certs: CertPaths) -> None:
+def test_second_server_on_a_port_in_use(
+    tmp_path: Path, superlink: int, certs: CertPaths, tiny_base: Path
+) -> None:
     config = tmp_path / "c.yaml"
     make_node_keys(tmp_path / "h1")
     config.write_text(
         f"host: 127.0.0.1\nport: {superlink}\nout_dir: run\ntls: {{ca_cert: {certs.ca_cert}, "
         f"server_cert: {certs.server_cert}, server_key: {certs.server_key}}}\n"
         "sites: [{name: h1, node_key: h1/node.pub}]\n"
+        f"federation: {{base: {tiny_base}}}\n"
     )
     assert_one_line(*run("server", "--config", str(config)), "already in use")
 
@@ -193,20 +201,32 @@ def test_pretrain_bad_inputs(tmp_path: Path) -> None:
     assert_one_line(*run("pretrain", "--config", str(config)), "missing.jsonl", "does not exist")
     config.write_text("model: {preset: tiny}\nseq_len: 512\n")
     assert_one_line(
-        *run("pretrain", "--config", str(config)), "seq_len (512) exceeds model.max_seq_len (128)"
+        *run("pretrain", "--config", str(config)), "seq_len (512) exceeds the tiny preset's 256 positions"
     )
 
 
-def test_a_server_config_naming_a_missing_base(tmp_path: Path) -> None:
+def test_a_server_config_without_a_usable_base(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("host: 127.0.0.1\nfederation:\n  base: nowhere/base.pt\n")
-    assert_one_line(*run("server", "--config", str(config), "--insecure"), "nowhere/base.pt", "no manifest")
+    config.write_text("host: 127.0.0.1\n")
+    assert_one_line(*run("server", "--config", str(config), "--insecure"), "federation.base is not set")
+    config.write_text("host: 127.0.0.1\nfederation:\n  base: nowhere/model\n")
+    assert_one_line(
+        *run("server", "--config", str(config), "--insecure"),
+        f"model folder {tmp_path / 'nowhere' / 'model'}",
+    )
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "base.pt").write_bytes(b"pickled")  # the retired format: never unpickled
+    config.write_text("host: 127.0.0.1\nfederation:\n  base: old\n")
+    assert_one_line(*run("server", "--config", str(config), "--insecure"), "no config.json")
 
 
-def test_a_hospital_base_hash_that_is_not_a_hash(tmp_path: Path) -> None:
-    path = hospital(tmp_path)
-    path.write_text(path.read_text() + "base_hash: abc\n")
-    assert_one_line(*run("client", "--config", str(path)), "base_hash = 'abc'")
+def test_a_hospital_config_must_name_its_base_folder(tmp_path: Path, tiny_base: Path) -> None:
+    path = hospital(tmp_path, tiny_base)
+    path.write_text(path.read_text().replace(f"base: {tiny_base}\n", ""))
+    assert_one_line(*run("client", "--config", str(path)), "missing required key 'base'")
+    # the retired pin: a site now checks the announced hash against its own folder's
+    path.write_text(path.read_text() + f"base: {tiny_base}\nbase_hash: {'ab' * 32}\n")
+    assert_one_line(*run("client", "--config", str(path)), "unknown key 'base_hash'")
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:

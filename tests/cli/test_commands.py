@@ -207,7 +207,8 @@ def test_audit_of_a_missing_ledger_or_key_is_refused_in_one_line(tmp_path: Path)
 # --- --help -------------------------------------------------------------------------------------
 
 COMMANDS = [
-    "simulate", "server", "pretrain", "client", "certs", "partition", "keys", "audit", "distill", "export"
+    "simulate", "server", "pretrain", "client", "certs", "partition", "keys", "audit", "distill", "export",
+    "generate",
 ]  # fmt: skip
 
 

@@ -1,11 +1,12 @@
-"""A site's real ClientApp handler, driven as Flower drives it: a site spec on disk, a node
-context naming it, and a TRAIN message built by the coordinator's own `Broadcast`."""
+"""A site's real ClientApp handler, driven as Flower drives it: a site spec on disk naming its
+base model folder, a node context naming the spec, and a TRAIN message built by the
+coordinator's own `Broadcast` from the coordinator's copy of the base."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from fedglm.config import (
     SiteSpec,
     TrainConfig,
 )
+from fedglm.models.base import BaseModel
+from fedglm.models.lora import is_trained_adapter, wire_state
 from fedglm.payload import ARRAYS_KEY, CONFIG_KEY, payload_record
 from fedglm.privacy.keys import make_keys
 from fedglm.protocol import RoundConfig
@@ -34,10 +37,11 @@ def site_context(
     notes: list[str],
     privacy: PrivacyConfig,
     *,
+    base: Path,
     share: ShareConfig | None = None,
-    base_hash: str | None = None,
 ) -> Context:
-    """A site holding `notes` (one record each) with its keys and state under `tmp_path`."""
+    """A site holding `notes` (one record each) and its copy of the base folder `base`, with its
+    keys and state under `tmp_path`."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "notes.jsonl"
     data.write_text("".join(json.dumps({"text": note}) + "\n" for note in notes))
@@ -50,25 +54,46 @@ def site_context(
         share=share or ShareConfig(),
         privacy=privacy,
         state_dir=state,
-        base_hash=base_hash,
+        base=base,
     )
     spec = tmp_path / "site-spec.json"
     spec.write_text(site.model_dump_json())
     return Context(run_id=1, node_id=1, node_config={SITE_KEY: str(spec)}, state=RecordDict(), run_config={})
 
 
+def coordinator_state(
+    base: Path, train: TrainConfig, model: ModelConfig | None = None
+) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The round's starting model as the coordinator builds it from its copy of the base
+    (`server.app.start_or_resume`), and the tensors sites train and send (None: all of them)."""
+    opened = BaseModel.open(base)
+    lora = train.lora_spec((model or ModelConfig()).init_seed, opened.family)
+    state = dict(wire_state(opened.build(lora=lora)))
+    trainable = [name for name in state if is_trained_adapter(name)] if lora is not None else None
+    return state, trainable
+
+
 def train_message(
-    state: Mapping[str, torch.Tensor],
-    model: ModelConfig,
+    base: Path,
     train: TrainConfig,
     *,
-    trainable: Collection[str] | None = None,
+    model: ModelConfig | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
     server_round: int = 1,
     extra: Mapping[str, Any] | None = None,
     uplink: tuple[str, float] = ("topk", 0.5),
 ) -> tuple[Message, Broadcast]:
-    """The coordinator's TRAIN message sending the model `state` (in full, round 1)."""
-    broadcast = Broadcast(dict(state), trainable=trainable)
+    """The coordinator's TRAIN message of a run from the base folder `base` (its hash announced).
+
+    Without `state`, the coordinator's own starting model, sent as a real first round sends it
+    (INIT: each site builds it from its own folder); with `state`, that model in full (FULL), as
+    a coordinator sends a site it believes holds nothing. `extra` overrides config keys."""
+    model = model or ModelConfig()
+    built, trainable = coordinator_state(base, train, model)
+    if state is None:
+        broadcast = Broadcast(built, initial=True, trainable=trainable)
+    else:
+        broadcast = Broadcast(dict(state), trainable=trainable)
     settings = RoundConfig(
         model=model,
         train=train,
@@ -77,6 +102,7 @@ def train_message(
         rounds=1,
         run_key="run",
         uplink=LinkConfig(codec=uplink[0], density=uplink[1], selection="global"),
+        base_hash=BaseModel.open(base).hash,
     )
     config = ConfigRecord({**settings.to_record(), **(extra or {})})
     content = RecordDict(

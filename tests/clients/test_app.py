@@ -14,6 +14,7 @@ def site(share: ShareConfig) -> SiteSpec:
         data=DataConfig(path=Path("notes.csv"), field="text"),
         share=share,
         privacy=PrivacyConfig(sample_rate=0.05),
+        base=Path("model"),
     )
 
 

@@ -9,15 +9,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedglm.clients.app import train
-from fedglm.config import ModelConfig, PrivacyConfig, TrainConfig
+from fedglm.config import PrivacyConfig, TrainConfig
 from fedglm.errors import InputError
-from fedglm.model import build_model
 from fedglm.payload import LEDGER_KEY, read_payload
 from fedglm.privacy.site import LEDGER_FILE, SENT_FILE, privacy_dir
 from fedglm.server.countersign import Countersigner
-from tests.clients.handler import site_context, train_message
+from tests.clients.handler import coordinator_state, site_context, train_message
 
-MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=48, max_seq_len=64)
 TRAIN = TrainConfig(local_steps=1, seq_len=32)
 PRIVACY = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, rounds=2)
 
@@ -26,13 +24,12 @@ def _ledger_lines(tmp_path: Path) -> list[str]:
     return (privacy_dir(tmp_path / "state") / LEDGER_FILE).read_text().splitlines()
 
 
-def test_a_round_asked_again_gets_the_same_update_and_no_new_entry(tmp_path: Path) -> None:
-    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY)
-    state = build_model(MODEL.glm_args(), 0).state_dict()
-    message, broadcast = train_message(state, MODEL, TRAIN)
+def test_a_round_asked_again_gets_the_same_update_and_no_new_entry(tmp_path: Path, tiny_base: Path) -> None:
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY, base=tiny_base)
+    message, broadcast = train_message(tiny_base, TRAIN)
     first = train(message, context)
     # The coordinator dies before its checkpoint, resumes, and sends round 1 again.
-    again, _ = train_message(state, MODEL, TRAIN)
+    again, _ = train_message(tiny_base, TRAIN)
     second = train(again, context)
 
     assert len(_ledger_lines(tmp_path)) == 1
@@ -51,20 +48,23 @@ def test_a_round_asked_again_gets_the_same_update_and_no_new_entry(tmp_path: Pat
     assert len((tmp_path / "receipts" / "h1.jsonl").read_text().splitlines()) == 1
 
 
-def test_a_round_asked_again_with_another_model_is_refused_not_trained_twice(tmp_path: Path) -> None:
-    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY)
-    train(train_message(build_model(MODEL.glm_args(), 0).state_dict(), MODEL, TRAIN)[0], context)
-    other, _ = train_message(build_model(MODEL.glm_args(), 1).state_dict(), MODEL, TRAIN)
+def test_a_round_asked_again_with_another_model_is_refused_not_trained_twice(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY, base=tiny_base)
+    train(train_message(tiny_base, TRAIN)[0], context)
+    # round 1 again, from another starting model (the base moved a little), sent in full
+    state, _ = coordinator_state(tiny_base, TRAIN)
+    other, _ = train_message(tiny_base, TRAIN, state={name: t + 0.01 for name, t in state.items()})
     with pytest.raises(InputError, match=r"round 1 of run run is already in this site's ledger \(entry 0\)"):
         train(other, context)
     assert len(_ledger_lines(tmp_path)) == 1
 
 
-def test_a_round_asked_again_whose_update_is_gone_is_refused(tmp_path: Path) -> None:
-    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY)
-    state = build_model(MODEL.glm_args(), 0).state_dict()
-    train(train_message(state, MODEL, TRAIN)[0], context)
+def test_a_round_asked_again_whose_update_is_gone_is_refused(tmp_path: Path, tiny_base: Path) -> None:
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY, base=tiny_base)
+    train(train_message(tiny_base, TRAIN)[0], context)
     (privacy_dir(tmp_path / "state") / SENT_FILE).unlink()
     with pytest.raises(InputError, match="its update is no longer kept"):
-        train(train_message(state, MODEL, TRAIN)[0], context)
+        train(train_message(tiny_base, TRAIN)[0], context)
     assert len(_ledger_lines(tmp_path)) == 1

@@ -5,23 +5,36 @@ import pytest
 import torch
 
 from fedglm.clients.state import HeldModel, load_held, load_residual, save_held, save_residual
-from fedglm.clients.sync import StaleModel, check_pinned_base, receive_model
-from fedglm.compression import CODECS, Header, Kind, PayloadError, decode, model_hash
+from fedglm.clients.sync import StaleModel, check_base, receive_model
+from fedglm.compression import CODECS, Header, Kind, PayloadError, decode
 from fedglm.compression.update import encode_tensors
 from fedglm.compression.wire import pack
-from fedglm.config import ModelConfig
 from fedglm.errors import InputError
-from fedglm.lora import LORA_TARGETS, LoraSpec, add_adapters, is_adapter
-from fedglm.model import build_model
+from fedglm.models.base import BaseModel
+from fedglm.models.lora import LoraSpec, is_trained_adapter, wire_state
 from fedglm.payload import expected_shapes
 from fedglm.server.broadcast import Broadcast
-
-CFG = ModelConfig(preset="tiny")
-SHAPES = expected_shapes(build_model(CFG.glm_args(), 0))
+from tests.bases import make_base
 
 
-def server() -> Broadcast:
-    return Broadcast(dict(build_model(CFG.glm_args(), CFG.init_seed).state_dict()), initial=True)
+@pytest.fixture(scope="module")
+def base(tiny_base: Path) -> BaseModel:
+    return BaseModel.open(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory: pytest.TempPathFactory) -> BaseModel:
+    """Another base folder of the same architecture and shapes: other weights."""
+    return BaseModel.open(make_base(tmp_path_factory.mktemp("other") / "model", seed=1))
+
+
+def server(base: BaseModel) -> Broadcast:
+    """A coordinator's first model: the base (full fine-tuning), sent as INIT."""
+    return Broadcast(dict(wire_state(base.build(lora=None))), initial=True)
+
+
+def shapes(base: BaseModel, lora: LoraSpec | None = None) -> dict[str, tuple[int, ...]]:
+    return expected_shapes(base.empty(lora=lora))
 
 
 def step(b: Broadcast, r: int) -> None:
@@ -32,52 +45,55 @@ def step(b: Broadcast, r: int) -> None:
     b.advance(agg, r, codec=CODECS["topk"], density=0.02, selection="global")
 
 
-def test_init_then_delta_then_hold() -> None:
-    b = server()
-    held = receive_model(b.payload_for(1, 1), held=None, run="r", model_cfg=CFG, shapes=SHAPES)
+def test_init_then_delta_then_hold(base: BaseModel) -> None:
+    b, s = server(base), shapes(base)
+    held = receive_model(b.payload_for(1, 1), held=None, run="r", base=base, shapes=s)
     assert held.hash == b.hash
     b.holds(1)
     step(b, 1)
-    held = receive_model(b.payload_for(1, 1), held=held, run="r", model_cfg=CFG, shapes=SHAPES)
+    held = receive_model(b.payload_for(1, 1), held=held, run="r", base=base, shapes=s)
     assert held.hash == b.hash
     b.holds(1)
-    assert receive_model(b.payload_for(1, 2), held=held, run="r", model_cfg=CFG, shapes=SHAPES) is held
+    assert receive_model(b.payload_for(1, 2), held=held, run="r", base=base, shapes=s) is held
 
 
-def test_full_model_for_a_site_that_holds_nothing() -> None:
-    b = server()
+def test_full_model_for_a_site_that_holds_nothing(base: BaseModel) -> None:
+    b = server(base)
     step(b, 1)
-    held = receive_model(b.full(2), held=None, run="r", model_cfg=CFG, shapes=SHAPES)
+    held = receive_model(b.full(2), held=None, run="r", base=base, shapes=shapes(base))
     assert held.hash == b.hash
     assert all(torch.equal(held.state[n], b.state[n]) for n in b.shapes)
 
 
-def test_delta_on_the_wrong_model_is_stale() -> None:
-    b = server()
+def test_delta_on_the_wrong_model_is_stale(base: BaseModel) -> None:
+    b = server(base)
     b.holds(1)
     step(b, 1)
     assert b.delta is not None
     with pytest.raises(StaleModel, match="stale-model"):
-        receive_model(b.delta, held=None, run="r", model_cfg=CFG, shapes=SHAPES)
+        receive_model(b.delta, held=None, run="r", base=base, shapes=shapes(base))
     other = HeldModel("r", b"\x02" * 32, {n: t.clone() for n, t in b.state.items()})
     with pytest.raises(StaleModel):
-        receive_model(b.delta, held=other, run="r", model_cfg=CFG, shapes=SHAPES)
+        receive_model(b.delta, held=other, run="r", base=base, shapes=shapes(base))
 
 
-def test_init_with_another_seed_is_stale() -> None:
-    b = server()
+def test_init_that_the_site_cannot_rebuild_is_stale(base: BaseModel, other_base: BaseModel) -> None:
+    """INIT names the model by hash only: a site building from another folder, or drawing LoRA's
+    A from another seed, gets another model and says so instead of training on it."""
+    b = server(base)
+    with pytest.raises(StaleModel, match="INIT payload hashes to"):
+        receive_model(b.payload_for(1, 1), held=None, run="r", base=other_base, shapes=shapes(other_base))
+    lora = LoraSpec(rank=4, alpha=8.0, targets=base.family.projections, seed=1)
+    adapted = Broadcast(dict(wire_state(base.build(lora=lora))), initial=True)
+    reseeded = LoraSpec(rank=4, alpha=8.0, targets=base.family.projections, seed=5)
     with pytest.raises(StaleModel):
         receive_model(
-            b.payload_for(1, 1),
-            held=None,
-            run="r",
-            model_cfg=CFG.model_copy(update={"init_seed": 5}),
-            shapes=SHAPES,
+            adapted.payload_for(1, 1), held=None, run="r", base=base, shapes=shapes(base, lora), lora=reseeded
         )
 
 
-def test_state_persists_per_run(tmp_path: Path) -> None:
-    b = server()
+def test_state_persists_per_run(tmp_path: Path, base: BaseModel) -> None:
+    b = server(base)
     held = HeldModel("run-a", b.hash, b.state)
     save_held(tmp_path, held)
     loaded = load_held(tmp_path, "run-a")
@@ -93,70 +109,74 @@ def test_state_persists_per_run(tmp_path: Path) -> None:
     assert load_residual(tmp_path, "run-a", b.shapes) is None
 
 
-LORA = LoraSpec(rank=4, alpha=8.0, targets=LORA_TARGETS, seed=1)
+def lora_spec(base: BaseModel) -> LoraSpec:
+    return LoraSpec(rank=4, alpha=8.0, targets=base.family.projections, seed=1)
 
 
-def lora_server() -> tuple[Broadcast, dict[str, tuple[int, ...]], bytes]:
-    """A coordinator whose run starts from a base (seed 5) and trains LoRA adapters."""
-    base = build_model(CFG.glm_args(), 5)
-    base_hash = model_hash(base.state_dict())
-    model = add_adapters(base, LORA)
-    adapters = [name for name in model.state_dict() if is_adapter(name)]
-    return Broadcast(dict(model.state_dict()), trainable=adapters), expected_shapes(model), base_hash
+def lora_server(base: BaseModel, *, initial: bool = True) -> Broadcast:
+    """A coordinator whose run starts from `base` and trains LoRA adapters (only B moves)."""
+    state = dict(wire_state(base.build(lora=lora_spec(base))))
+    trainable = [name for name in state if is_trained_adapter(name)]
+    return Broadcast(state, initial=initial, trainable=trainable)
 
 
-def test_a_lora_site_gets_the_base_once_then_changes_of_adapters_only() -> None:
-    b, shapes, base_hash = lora_server()
+def test_a_lora_site_builds_the_first_model_itself_then_gets_changes_of_b_only(base: BaseModel) -> None:
+    lora = lora_spec(base)
+    s = shapes(base, lora)
+    b = lora_server(base)
     first = b.payload_for(1, 1)
-    header, tensors = decode(first, shapes)
-    assert header.kind == Kind.FULL and set(tensors) == set(shapes)
-    held = receive_model(
-        first, held=None, run="r", model_cfg=CFG, shapes=shapes, lora=LORA, base_hash=base_hash
-    )
+    header, tensors = decode(first, s)
+    assert header.kind == Kind.INIT and not tensors  # the base never crosses the network
+    held = receive_model(first, held=None, run="r", base=base, shapes=s, lora=lora)
     assert held.hash == b.hash
     b.holds(1)
     step(b, 1)
     delta = b.payload_for(1, 2)
-    header, tensors = decode(delta, shapes)
-    assert header.kind == Kind.DELTA and tensors and all(is_adapter(name) for name in tensors)
-    assert len(delta) < len(first) / 20
-    held = receive_model(
-        delta, held=held, run="r", model_cfg=CFG, shapes=shapes, lora=LORA, base_hash=base_hash
-    )
+    header, tensors = decode(delta, s)
+    assert header.kind == Kind.DELTA and tensors and all(is_trained_adapter(name) for name in tensors)
+    assert len(delta) < len(b.full(2)) / 20
+    held = receive_model(delta, held=held, run="r", base=base, shapes=s, lora=lora)
     assert held.hash == b.hash
 
 
-def test_a_full_model_on_another_base_is_refused() -> None:
-    b, shapes, _ = lora_server()
-    with pytest.raises(PayloadError, match="announced") as caught:
-        receive_model(
-            b.full(1), held=None, run="r", model_cfg=CFG, shapes=shapes, lora=LORA, base_hash=b"\x01" * 32
-        )
+def test_a_full_model_on_another_base_is_refused(base: BaseModel, other_base: BaseModel) -> None:
+    """Under LoRA the base is frozen: a FULL model whose base weights are not the site's own
+    (a coordinator swapping the model it fine-tunes) is refused, whatever hash it names."""
+    lora = lora_spec(base)
+    b = lora_server(other_base, initial=False)
+    with pytest.raises(PayloadError, match="the full model's frozen base hashes to") as caught:
+        receive_model(b.full(1), held=None, run="r", base=base, shapes=shapes(base, lora), lora=lora)
     assert caught.value.reason == "wrong-base"
+    # the site's own base in full is taken
+    own = lora_server(base, initial=False)
+    held = receive_model(own.full(1), held=None, run="r", base=base, shapes=shapes(base, lora), lora=lora)
+    assert held.hash == own.hash
 
 
-def test_a_change_to_the_frozen_base_is_refused() -> None:
-    b, shapes, base_hash = lora_server()
-    held = receive_model(
-        b.full(1), held=None, run="r", model_cfg=CFG, shapes=shapes, lora=LORA, base_hash=base_hash
-    )
-    name = "blocks.0.attn.q_proj.weight"
-    change = {name: np.full(int(np.prod(shapes[name])), 0.01, dtype=np.float32)}
-    table, _ = encode_tensors(change, {name: shapes[name]}, CODECS["fp16"], density=1.0, selection="global")
+@pytest.mark.parametrize(
+    "name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.lora_A.weight"]
+)
+def test_a_change_to_a_frozen_tensor_is_refused(base: BaseModel, name: str) -> None:
+    """Under LoRA only B moves: a DELTA to the base or to A (drawn from the seed by every
+    party, which exact aggregation relies on) is refused."""
+    lora = lora_spec(base)
+    s = shapes(base, lora)
+    b = lora_server(base)
+    held = receive_model(b.payload_for(1, 1), held=None, run="r", base=base, shapes=s, lora=lora)
+    assert name in s
+    change = {name: np.full(int(np.prod(s[name])), 0.01, dtype=np.float32)}
+    table, _ = encode_tensors(change, {name: s[name]}, CODECS["fp16"], density=1.0, selection="global")
     forged = pack(Header(Kind.DELTA, CODECS["fp16"].codec_id, 2, held.hash, b"\x03" * 32), table)
-    with pytest.raises(PayloadError, match="frozen base"):
-        receive_model(
-            forged, held=held, run="r", model_cfg=CFG, shapes=shapes, lora=LORA, base_hash=base_hash
-        )
+    with pytest.raises(PayloadError, match="a change to a frozen tensor") as caught:
+        receive_model(forged, held=held, run="r", base=base, shapes=s, lora=lora)
+    assert caught.value.reason == "frozen-base"
 
 
-def test_a_site_refuses_a_base_other_than_the_one_it_pins() -> None:
-    pinned, other = "a" * 64, "b" * 64
-    check_pinned_base(None, other)  # no pin: any base
-    check_pinned_base(pinned, pinned)
-    with pytest.raises(
-        InputError, match=r"starts from base bbbbbbbbbbbbbbbb\.\.\., but this site accepts only base aaaa"
-    ):
-        check_pinned_base(pinned, other)
-    with pytest.raises(InputError, match="no base model"):
-        check_pinned_base(pinned, None)
+def test_a_site_refuses_a_base_other_than_its_own(base: BaseModel) -> None:
+    check_base(base, base.hash)
+    other = "b" * 64
+    refusal = rf"starts from base b{{16}}\.\.\., but this site's base folder .* hashes to {base.hash[:16]}"
+    with pytest.raises(InputError, match=refusal):
+        check_base(base, other)
+    with pytest.raises(InputError, match="starts from no base model"):
+        check_base(base, None)

@@ -49,3 +49,38 @@ def test_lora_per_record_gradients_equal_the_loop(architecture: str) -> None:
 
 def test_full_fine_tuning_per_record_gradients_equal_the_loop() -> None:
     assert _per_sample_vs_loop(tiny_model("Glm4ForCausalLM")) < 1e-5
+
+
+def test_ghost_clipping_gives_the_hooks_update_on_a_lora_model() -> None:
+    """The same DP-SGD step without noise, per-record clipping in both modes: the same B."""
+    from fedglm.models.lora import wire_state
+    from fedglm.privacy.dpsgd import train_private
+
+    generator = torch.Generator().manual_seed(3)
+    records = [torch.randint(2, VOCAB, (20,), generator=generator).tolist() for _ in range(6)]
+    spec = LoraSpec(4, 8.0, FAMILIES["Glm4ForCausalLM"].projections, seed=1)
+    trained = {}
+    for mode in ("hooks", "ghost"):
+        model = add_adapters(tiny_model("Glm4ForCausalLM"), spec)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        train_private(
+            model,
+            records,
+            optimizer=optimizer,
+            q=1.0,
+            sigma=0.0,
+            clip_norm=0.01,  # small: every record is clipped, so clipping is what is compared
+            steps=1,
+            seq_len=16,
+            precision="fp32",
+            mode=mode,  # type: ignore[arg-type]
+            device=torch.device("cpu"),
+            expected_batch_size=6.0,
+            sampling=torch.Generator().manual_seed(0),
+            noise=torch.Generator().manual_seed(1),
+        )
+        trained[mode] = {n: t for n, t in wire_state(model).items() if ".lora_B." in n}
+    moved = max(float(t.abs().max()) for t in trained["hooks"].values())
+    assert moved > 0
+    for name, tensor in trained["hooks"].items():
+        assert torch.allclose(tensor, trained["ghost"][name], atol=1e-6, rtol=1e-4), name

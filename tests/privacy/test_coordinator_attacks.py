@@ -18,14 +18,16 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from typer.testing import CliRunner
 
 from fedglm.cli.main import app
+from fedglm.clients import limits
 from fedglm.clients.app import train
 from fedglm.clients.site import load_site_data, read_site
 from fedglm.compression import CODECS, NO_HASH, Header, Kind, PayloadError, decode, encode
-from fedglm.config import ModelConfig, PrivacyConfig, TrainConfig
-from fedglm.data import encode as encode_text
+from fedglm.config import PrivacyConfig, TrainConfig
 from fedglm.errors import InputError
-from fedglm.lora import LoraSpec, adapter_state, add_adapters
-from fedglm.model import GLM, Block, GLMArgs, build_model
+from fedglm.models.base import BaseModel
+from fedglm.models.causal import forward_logits
+from fedglm.models.lora import LoraSpec, add_adapters, is_trained_adapter, wire_state
+from fedglm.models.tokenizer import encode_record
 from fedglm.payload import LEDGER_KEY, RECEIPT_KEY, read_payload
 from fedglm.privacy.accounting import Release, epsilon
 from fedglm.privacy.dpsgd import DPMode, train_private
@@ -33,19 +35,19 @@ from fedglm.privacy.keys import key_id, public_pem
 from fedglm.privacy.ledger import GENESIS, sign_line
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, privacy_dir
 from fedglm.server.countersign import Countersigner
-from tests.clients.handler import site_context, train_message
+from tests.bases import tokenizer
+from tests.clients.handler import coordinator_state, site_context, train_message
 from tests.privacy.helpers import Site, ledger_of
 from tests.server.test_countersign import BASE, BLOB, entry
 
 CPU = torch.device("cpu")
-MODEL = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=48, max_seq_len=64)
-TRIGGER = 7  # a byte no ordinary note contains (BEL)
+BEL = "\x07"  # a character no ordinary note contains: its byte-level token is the trigger
 
 
 # --- 1. The update's scale must not reveal the record count ------------------------------------
 
 
-def test_the_update_norm_does_not_reveal_a_private_record_count(tmp_path: Path) -> None:
+def test_the_update_norm_does_not_reveal_a_private_record_count(tmp_path: Path, tiny_base: Path) -> None:
     """The coordinator picks SGD, one step and the dense codec, then inverts the update's norm:
     |update| ~ lr * sigma * C * sqrt(d) / B, and B was q * n. Now B is public."""
     q, sigma, lr = 0.2, 1.0, 1.0
@@ -53,10 +55,9 @@ def test_the_update_norm_does_not_reveal_a_private_record_count(tmp_path: Path) 
     privacy = PrivacyConfig(sample_rate=q, noise_multiplier=sigma, rounds=1, clip_norm=1.0)
     estimates = {}
     for total in (168, 169):  # 150 and 151 training records after the site's validation split
-        state = build_model(MODEL.glm_args(), 3).state_dict()
-        message, broadcast = train_message(state, MODEL, coordinator, uplink=("dense", 1.0))
+        message, broadcast = train_message(tiny_base, coordinator, uplink=("dense", 1.0))
         notes = [f"note {i}: patient stable, follow up in {i % 9} weeks." for i in range(total)]
-        context = site_context(tmp_path / str(total), notes, privacy)
+        context = site_context(tmp_path / str(total), notes, privacy, base=tiny_base)
         n = len(load_site_data(read_site(context)).train)
         reply = train(message, context)
         blob = read_payload(reply.content)
@@ -80,34 +81,53 @@ def test_the_update_norm_does_not_reveal_a_private_record_count(tmp_path: Path) 
 # --- 2. A record whose gradient overflows must contribute exactly zero --------------------------
 
 
-def trigger_model(args: GLMArgs, lora: LoraSpec | None = None) -> GLM:
-    """Finite weights that overflow to inf only at a position holding TRIGGER: four SwiGLU
-    channels fire on the trigger's own embedding direction (no other token has it) and their
-    product overflows; zero output weights turn inf into NaN."""
-    model = build_model(args, 0)
+def trigger_id() -> int:
+    ids: list[int] = tokenizer().encode(BEL, add_special_tokens=False)
+    assert len(ids) == 1
+    return ids[0]
+
+
+def trigger_model(model: torch.nn.Module, trigger: int) -> torch.nn.Module:
+    """`model` (a GLM-4, in place) with finite weights that overflow to inf only at a position
+    holding `trigger`: four channels of the fused gate/up projection fire on the trigger's own
+    embedding direction (no other token has it, and nothing writes to it) and their product
+    overflows; zero output weights turn inf into NaN."""
+    glm: Any = model  # a Glm4ForCausalLM: its submodules by name
+    channels = glm.config.intermediate_size
     with torch.no_grad():
-        model.embed.weight[:, 0] = 0.0
-        model.embed.weight[TRIGGER] = 0.0
-        model.embed.weight[TRIGGER, 0] = 1.0
-        for block in model.blocks:
-            assert isinstance(block, Block)
-            block.attn.o_proj.weight[0, :] = 0.0
-            mlp = block.mlp
-            for proj in (mlp.gate_proj, mlp.up_proj):
-                proj.weight[:4] = 0.0
-                proj.weight[:4, 0] = 1e20
-            mlp.down_proj.weight[:, :4] = 0.0
-    return add_adapters(model, lora) if lora is not None else model
+        embed = glm.model.embed_tokens.weight
+        embed[:, 0] = 0.0
+        embed[trigger] = 0.0
+        embed[trigger, 0] = 1.0
+        for layer in glm.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+            gate_up = layer.mlp.gate_up_proj.weight  # gate rows, then up rows
+            for rows in (slice(0, 4), slice(channels, channels + 4)):
+                gate_up[rows] = 0.0
+                gate_up[rows, 0] = 1e20
+            layer.mlp.down_proj.weight[:, :4] = 0.0
+    return model
 
 
-NOTES = [encode_text(f"note {i}: patient stable") for i in range(20)]
-TRIGGERED = encode_text(f"note: patient {chr(TRIGGER)} stable")
+def plain_records() -> list[list[int]]:
+    return [encode_record(tokenizer(), f"note {i}: patient stable") for i in range(20)]
 
 
-def dp_change(records: list[list[int]], mode: DPMode, lora: LoraSpec | None) -> dict[str, torch.Tensor]:
+def triggered() -> list[int]:
+    record = encode_record(tokenizer(), f"note: patient {BEL} stable")
+    assert trigger_id() in record and all(trigger_id() not in note for note in plain_records())
+    return record
+
+
+def dp_change(
+    base: Path, records: list[list[int]], mode: DPMode, lora: LoraSpec | None
+) -> dict[str, torch.Tensor]:
     """One DP-SGD step (every record drawn, no noise, fixed generators) on the trigger model."""
-    model = trigger_model(GLMArgs(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64), lora)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model = trigger_model(BaseModel.open(base).build(lora=None), trigger_id())
+    if lora is not None:
+        model = add_adapters(model, lora)
+    before = {k: v.clone() for k, v in wire_state(model).items()}
     train_private(
         model,
         records,
@@ -124,7 +144,7 @@ def dp_change(records: list[list[int]], mode: DPMode, lora: LoraSpec | None) -> 
         sampling=torch.Generator().manual_seed(1),
         noise=torch.Generator().manual_seed(2),
     )
-    return {k: v - before[k] for k, v in model.state_dict().items()}
+    return {k: v - before[k] for k, v in wire_state(model).items()}
 
 
 @pytest.mark.parametrize(
@@ -132,24 +152,25 @@ def dp_change(records: list[list[int]], mode: DPMode, lora: LoraSpec | None) -> 
     [
         ("hooks", None),
         ("ghost", None),
-        ("hooks", LoraSpec(rank=2, alpha=4.0, targets=("gate_proj", "up_proj", "q_proj"), seed=1)),
+        ("hooks", LoraSpec(rank=2, alpha=4.0, targets=("gate_up_proj", "q_proj"), seed=1)),
     ],
 )
 def test_a_record_that_triggers_an_overflow_contributes_exactly_zero(
-    mode: DPMode, lora: LoraSpec | None
+    mode: DPMode, lora: LoraSpec | None, tiny_base: Path
 ) -> None:
-    without = dp_change(NOTES, mode, lora)
-    with_trigger = dp_change([*NOTES, TRIGGERED], mode, lora)
+    model = trigger_model(BaseModel.open(tiny_base).build(lora=None), trigger_id())
+    with torch.no_grad():  # the attack works: the trigger alone overflows
+        assert bool(torch.isfinite(forward_logits(model, torch.tensor(plain_records()[:1]))).all())
+        assert not bool(torch.isfinite(forward_logits(model, torch.tensor([triggered()]))).all())
+    without = dp_change(tiny_base, plain_records(), mode, lora)
+    with_trigger = dp_change(tiny_base, [*plain_records(), triggered()], mode, lora)
     assert all(bool(torch.isfinite(v).all()) for v in with_trigger.values())
     assert any(bool(v.abs().sum() > 0) for v in without.values())
     for name, change in without.items():
         torch.testing.assert_close(with_trigger[name], change, rtol=1e-5, atol=1e-7, msg=name)
-    if lora is not None:
-        assert set(adapter_state(with_trigger)) and all(
-            not bool(with_trigger[name].any())
-            for name in with_trigger
-            if name not in adapter_state(with_trigger)
-        )
+    if lora is not None:  # only B moved: the base and A are frozen
+        moved = {name for name, change in with_trigger.items() if bool(change.any())}
+        assert moved and all(is_trained_adapter(name) for name in moved)
 
 
 def test_the_encoder_refuses_a_non_finite_update_instead_of_sending_nothing() -> None:
@@ -160,34 +181,84 @@ def test_the_encoder_refuses_a_non_finite_update_instead_of_sending_nothing() ->
     assert np.isnan(values["w"][1]) and values["w"][0] == 1.0  # nothing became a residual
 
 
-def test_a_site_refuses_a_crafted_model_before_training(tmp_path: Path) -> None:
-    """The trigger model's weights (1e20) are beyond any trained model's: refused on arrival,
-    with no ledger entry and no budget spent."""
-    train_cfg = TrainConfig(local_steps=1, seq_len=32)
-    state = trigger_model(MODEL.glm_args()).state_dict()
-    message, _ = train_message(state, MODEL, train_cfg)
+def _crafted_base(base: Path, train_cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The coordinator's starting model with the trigger weights (1e20) in its frozen base."""
+    opened = BaseModel.open(base)
+    lora = train_cfg.lora_spec(0, opened.family)
+    model = trigger_model(opened.build(lora=None), trigger_id())
+    return dict(wire_state(add_adapters(model, lora) if lora is not None else model))
+
+
+def _crafted_adapters(base: Path, train_cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The site's own base, but LoRA's B matrices at 1e20."""
+    state, trainable = coordinator_state(base, train_cfg)
+    assert trainable
+    return {name: torch.full_like(t, 1e20) if name in trainable else t for name, t in state.items()}
+
+
+def _non_finite(base: Path, train_cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    state, _ = coordinator_state(base, train_cfg)
+    name = "model.layers.0.mlp.down_proj.weight"
+    state[name] = state[name].clone()
+    state[name][0, 0] = math.nan
+    return state
+
+
+LORA_TRAIN = TrainConfig(adapters="lora", lora_rank=2, local_steps=1, seq_len=32)
+
+
+@pytest.mark.parametrize(
+    ("craft", "train_cfg", "fragment", "reason"),
+    [
+        (_crafted_base, TrainConfig(local_steps=1, seq_len=32), "magnitude 1e\\+20", "bad-weights"),
+        # (refused as the payload is decoded, before any weight is checked)
+        (_non_finite, TrainConfig(local_steps=1, seq_len=32), "NaN or infinite", "non-finite"),
+        # under LoRA the base is the site's own: a full model with another base is refused as such
+        (_crafted_base, LORA_TRAIN, "the full model's frozen base hashes to", "wrong-base"),
+        (_crafted_adapters, LORA_TRAIN, "magnitude 1e\\+20", "bad-weights"),
+    ],
+    ids=["full-trigger-weights", "full-nan", "lora-trigger-base", "lora-huge-adapters"],
+)
+def test_a_site_refuses_a_crafted_model_before_training(
+    tmp_path: Path, tiny_base: Path, craft: Any, train_cfg: TrainConfig, fragment: str, reason: str
+) -> None:
+    """The trigger model's weights (1e20) are beyond any trained model's, NaN is no weight at
+    all: refused on arrival (a FULL model announcing the site's own base), with no ledger entry
+    and no budget spent."""
+    message, _ = train_message(tiny_base, train_cfg, state=craft(tiny_base, train_cfg))
     privacy = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, rounds=1)
-    context = site_context(tmp_path, [f"note {i}" for i in range(30)], privacy)
-    with pytest.raises(PayloadError, match="magnitude 1e\\+20") as refused:
+    context = site_context(tmp_path, [f"note {i}" for i in range(30)], privacy, base=tiny_base)
+    with pytest.raises(PayloadError, match=fragment) as refused:
         train(message, context)
-    assert refused.value.reason == "bad-weights"
+    assert refused.value.reason == reason
     assert not (privacy_dir(tmp_path / "state") / LEDGER_FILE).exists()
 
 
 @pytest.mark.parametrize(
     ("section", "changes", "fragment"),
     [
-        ("model", {"d_model": 16384, "n_layers": 256, "n_heads": 256, "d_ff": 131072}, "GiB to train here"),
-        ("model", {"d_model": 2**40}, "d_model"),  # a 7e16-parameter model
+        # a site of 4 GiB (below): per-record gradients of 65,536 records of a full model do not fit
+        ("train", {"batch_size": 65536}, "GiB here"),
+        # the model's size is the site's own folder's: a coordinator naming another is refused
+        ("model", {"d_model": 2**40}, "d_model"),
+        ("train", {"adapters": "lora", "lora_rank": 2**40}, "lora_rank"),
+        ("train", {"adapters": "lora", "lora_targets": ["gate_proj"]}, "not a projection of Glm4ForCausalLM"),
+        ("train", {"seq_len": 4096}, "exceeds the base model's 256 positions"),
         ("train", {"local_steps": 10**9}, "local_steps"),
         ("train", {"lr": math.inf}, "lr"),
         ("train", {"local_steps": None, "local_epochs": 1000.0}, "DP-SGD steps"),  # 1000 / q = 2e5
     ],
 )
 def test_a_site_refuses_a_round_it_could_not_run_before_allocating(
-    tmp_path: Path, section: str, changes: dict[str, Any], fragment: str
+    tmp_path: Path,
+    tiny_base: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    section: str,
+    changes: dict[str, Any],
+    fragment: str,
 ) -> None:
-    message, _ = train_message(build_model(MODEL.glm_args(), 0).state_dict(), MODEL, TrainConfig(seq_len=32))
+    monkeypatch.setattr(limits, "physical_memory", lambda: 4 * 2**30)
+    message, _ = train_message(tiny_base, TrainConfig(seq_len=32))
     config = message.content.config_records["config"]
     for key, value in changes.items():
         if value is None:
@@ -195,10 +266,21 @@ def test_a_site_refuses_a_round_it_could_not_run_before_allocating(
         else:
             config[f"{section}.{key}"] = value
     privacy = PrivacyConfig(sample_rate=0.005, noise_multiplier=1.0, rounds=1)
-    context = site_context(tmp_path, [f"note {i}" for i in range(30)], privacy)
+    context = site_context(tmp_path, [f"note {i}" for i in range(30)], privacy, base=tiny_base)
     with pytest.raises((InputError, PayloadError), match=fragment):
         train(message, context)
     assert not (privacy_dir(tmp_path / "state") / LEDGER_FILE).exists()
+
+
+def test_the_same_round_fits_a_site_of_that_size(
+    tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal above is the coordinator's batch, not the 4 GiB: the default batch trains."""
+    monkeypatch.setattr(limits, "physical_memory", lambda: 4 * 2**30)
+    message, _ = train_message(tiny_base, TrainConfig(local_steps=1, seq_len=32))
+    privacy = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, rounds=1)
+    context = site_context(tmp_path, [f"note {i}" for i in range(30)], privacy, base=tiny_base)
+    assert read_payload(train(message, context).content) is not None
 
 
 # --- 3. A lost or rolled-back ledger must not reset the budget ---------------------------------
@@ -284,30 +366,28 @@ def test_a_site_refuses_to_train_on_a_ledger_behind_its_receipts(tmp_path: Path)
         site.lines()
 
 
-def test_a_site_with_earlier_rounds_and_no_ledger_stops(tmp_path: Path) -> None:
+def test_a_site_with_earlier_rounds_and_no_ledger_stops(tmp_path: Path, tiny_base: Path) -> None:
     """Both ledger and receipts are gone, but the residual shows the site has trained."""
     privacy = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, rounds=2)
-    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], privacy)
-    state = build_model(MODEL.glm_args(), 0).state_dict()
-    message, _ = train_message(state, MODEL, TrainConfig(local_steps=1, seq_len=32))
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], privacy, base=tiny_base)
+    message, _ = train_message(tiny_base, TrainConfig(local_steps=1, seq_len=32))
     train(message, context)
     shutil.rmtree(privacy_dir(tmp_path / "state"))
-    message, _ = train_message(state, MODEL, TrainConfig(local_steps=1, seq_len=32), server_round=2)
+    message, _ = train_message(tiny_base, TrainConfig(local_steps=1, seq_len=32), server_round=2)
     with pytest.raises(InputError, match=r"is missing, but .*residual\.pt shows this site trained before"):
         train(message, context)
 
 
-def test_the_site_keeps_the_receipts_the_coordinator_sends(tmp_path: Path) -> None:
+def test_the_site_keeps_the_receipts_the_coordinator_sends(tmp_path: Path, tiny_base: Path) -> None:
     privacy = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, rounds=2)
-    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], privacy)
-    model = build_model(MODEL.glm_args(), 0).state_dict()
-    message, broadcast = train_message(model, MODEL, TrainConfig(local_steps=1, seq_len=32))
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], privacy, base=tiny_base)
+    message, broadcast = train_message(tiny_base, TrainConfig(local_steps=1, seq_len=32))
     reply = train(message, context)
     desk = Countersigner(Ed25519PrivateKey.generate(), tmp_path / "receipts", "run")
     blob = read_payload(reply.content)
     assert blob is not None
     desk.countersign(1, dict(reply.content.config_records[LEDGER_KEY]), blob, 1, broadcast.hash)
-    second, _ = train_message(model, MODEL, TrainConfig(local_steps=1, seq_len=32), server_round=2)
+    second, _ = train_message(tiny_base, TrainConfig(local_steps=1, seq_len=32), server_round=2)
     second = Message(
         content=RecordDict({**second.content, RECEIPT_KEY: ConfigRecord({"lines": desk.receipt_for(1)})}),
         metadata=second.metadata,
@@ -414,11 +494,11 @@ def test_a_duplicate_json_key_is_refused_by_the_audit_and_the_coordinator(
 # --- 7. What reaches the coordinator in an error -----------------------------------------------
 
 
-def test_an_error_sent_to_the_coordinator_names_no_record_count(tmp_path: Path) -> None:
+def test_an_error_sent_to_the_coordinator_names_no_record_count(tmp_path: Path, tiny_base: Path) -> None:
     privacy = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, rounds=1, delta=1e-3)
-    context = site_context(tmp_path, [f"note {i}: stable" for i in range(1234)], privacy)
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(1234)], privacy, base=tiny_base)
     n = len(load_site_data(read_site(context)).train)
-    message, _ = train_message(build_model(MODEL.glm_args(), 0).state_dict(), MODEL, TrainConfig(seq_len=32))
+    message, _ = train_message(tiny_base, TrainConfig(seq_len=32))
     with pytest.raises(InputError, match="delta") as raised:
         train(message, context)
     assert str(n) not in str(raised.value) and str(n + 1) not in str(raised.value)

@@ -98,7 +98,7 @@ def test_a_foreign_app_is_refused_and_never_runs(coordinator: int, certs: CertPa
     assert not marker.exists() and not Path(str(marker) + ".server").exists()
 
 
-def test_only_listed_supernodes_connect(tmp_path: Path, certs: CertPaths) -> None:
+def test_only_listed_supernodes_connect(tmp_path: Path, certs: CertPaths, tiny_base: Path) -> None:
     """A hospital whose node key the coordinator did not list cannot join, under any name:
     `fedglm client` ends with exit 2 and says what to send the coordinator; a listed node joins."""
     port = free_port()
@@ -108,6 +108,7 @@ def test_only_listed_supernodes_connect(tmp_path: Path, certs: CertPaths) -> Non
     (tmp_path / "rogue.yaml").write_text(
         f"site: h1\ncoordinator: 127.0.0.1:{port}\nca_cert: {certs.ca_cert}\n"
         f"runtime_port: {free_port()}\nstate_dir: rogue\ndata: {{path: {data[0]}, field: text}}\n"
+        f"base: {tiny_base}\n"
         "privacy: {sample_rate: 0.2, epsilon: 8.0}\n"
     )
     make_keys(tmp_path / "rogue", "ledger")

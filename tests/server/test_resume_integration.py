@@ -39,7 +39,7 @@ def _rounds(out: Path) -> list[int]:
     return [json.loads(line)["round"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths) -> None:
+def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths, tiny_base: Path) -> None:
     port = free_port()
     out = tmp_path / "run"
     (tmp_path / "coordinator.yaml").write_text(
@@ -47,14 +47,14 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
         f"tls: {{ca_cert: {certs.ca_cert}, server_cert: {certs.server_cert}, "
         f"server_key: {certs.server_key}}}\n"
         "sites:\n  - {name: h1, node_key: state-1/node.pub}\n  - {name: h2, node_key: state-2/node.pub}\n"
-        "federation:\n  rounds: 2\n  min_clients: 2\n"
+        f"federation:\n  base: {tiny_base}\n  rounds: 2\n  min_clients: 2\n"
         "  train: {local_steps: 5, batch_size: 8, seq_len: 64}\n"
     )
     data = write_generated_corpus(tmp_path / "data", sites=2, records_per_site=30, seed=0)
     for i, path in enumerate(data, start=1):
         (tmp_path / f"h{i}.yaml").write_text(
             f"site: h{i}\ncoordinator: 127.0.0.1:{port}\nca_cert: {certs.ca_cert}\n"
-            f"runtime_port: {free_port()}\nstate_dir: state-{i}\n"
+            f"runtime_port: {free_port()}\nstate_dir: state-{i}\nbase: {tiny_base}\n"
             f"data: {{path: {path}, field: text}}\n"
             "privacy: {sample_rate: 0.2, epsilon: 8.0}\n"
         )
@@ -87,7 +87,7 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths)
         for process in clients:
             process.wait(30)
 
-    assert _rounds(out) == [1, 2]
+    assert _rounds(out) == [0, 1, 2]  # round 0: the base evaluated once, kept across the restart
     assert f"Resuming from the checkpoint of round {checkpoint.round}" in (out / "serverapp.log").read_text()
     for i in (1, 2):  # each round spent once at each site
         ledger = (tmp_path / f"state-{i}" / "privacy" / "ledger.jsonl").read_text().splitlines()
