@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -35,15 +33,6 @@ def teacher(layers: int, seed: int = 0) -> PreTrainedModel:
         max_position_embeddings=64,
     )
     return build_glm4(config, seed).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a loaded 2-core machine two threads ran distillation 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def weight(model: torch.nn.Module, name: str) -> torch.Tensor:

@@ -25,7 +25,6 @@ from fedglm.models.causal import forward_logits
 from tests.export.test_causal_onnx import (
     Exported,
     exported_glm4,
-    one_torch_thread,  # noqa: F401  (autouse: applies here too)
     tokenizer,
 )
 

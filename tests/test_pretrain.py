@@ -4,7 +4,6 @@ and the base's shape for the federation."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,15 +45,6 @@ def settings(out: Path, **overrides: object) -> dict[str, object]:
 
 def config(out: Path, **overrides: object) -> PretrainConfig:
     return PretrainConfig.model_validate(settings(out, **overrides))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a loaded 2-core machine two threads ran a tiny model 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Stop(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -133,15 +133,6 @@ def released_run(basetemp: Path) -> Path:
     make_run(root / "run", pretrained_base(root / "pretrain"))
     release(root / "run", QUICK)
     return root / "run"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a loaded 2-core machine two threads ran a tiny model 10-60x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ class SimulateConfig(Section):
     release: ReleaseConfig | None = ReleaseConfig()
     # Unless federation.base names a base model folder: pretrain a GLM-4 (tokenizer and model)
     # on generated public text into <out>/base/ (kept there and reused), and start from it.
-    pretrain: PretrainConfig | None = PretrainConfig(steps=300)
+    pretrain: PretrainConfig | None = PretrainConfig(steps=150)
 
     @model_validator(mode="after")
     def _enough_sites(self) -> SimulateConfig:

@@ -6,7 +6,6 @@ session: distillation and two ONNX exports)."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from fedglm.models.folder import load_model, load_tokenizer
 from tests.test_release import released_run
 
 PROMPT = "Patient reports chest pain"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a loaded 2-core machine two threads ran a tiny model 10-60x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

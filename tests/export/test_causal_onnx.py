@@ -7,7 +7,6 @@ logits), made once per session: `exported_glm4` is shared with tests/test_genera
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +81,6 @@ def exported_glm4(base: Path) -> Exported:
     export_logits(model, folder / "logits.onnx", max_batch=8)
     export_with_cache(model, folder / "cache.onnx", max_batch=8)
     return Exported(model, folder / "logits.onnx", folder / "cache.onnx")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a loaded 2-core machine two threads ran a tiny model 60x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
