@@ -73,7 +73,7 @@ def test_ghost_clipping_gives_the_hooks_update_on_a_lora_model() -> None:
             steps=1,
             seq_len=16,
             precision="fp32",
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             device=torch.device("cpu"),
             expected_batch_size=6.0,
             sampling=torch.Generator().manual_seed(0),

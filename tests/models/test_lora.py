@@ -119,7 +119,9 @@ def test_dp_lora_with_clipping_and_no_noise_learns_like_plain_lora() -> None:
         return add_adapters(tiny_model("Glm4ForCausalLM"), spec)
 
     def loss(model: torch.nn.Module) -> float:
-        stats = evaluate(model, records[:20], seq_len=32, batch_size=20, precision="fp32", device=device)
+        stats = evaluate(
+            model, records[:20], seq_len=32, batch_size=20, precision="fp32", device=device, n_bytes=1
+        )
         return stats.loss
 
     before = loss(fresh())
