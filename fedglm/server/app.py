@@ -138,7 +138,7 @@ def start_or_resume(spec: RunSpec) -> Start:
         broadcast = Broadcast(state, initial=True, trainable=trainable)
         run_key = secrets.token_hex(8)
         if (out_dir / METRICS_NAME).exists():
-            metrics.truncate_after(out_dir, 0)
+            metrics.truncate_after(out_dir, -1)  # an earlier run's rows, round 0 included, go
     global_model = GlobalModel(
         broadcast, base=base, pruning=fed.pruning, mask=mask, lora_scale=lora.scale if lora else None
     )

@@ -288,11 +288,6 @@ def test_a_fresh_run_draws_a_new_run_key_and_clears_old_metrics(tmp_path: Path, 
     assert metrics.read_rows(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fedglm/server/app.py start_or_resume: a fresh run keeps rows up to round 0 "
-    "(metrics.truncate_after(out_dir, 0)); round 0 is the base's row now, so it should be -1",
-)
 def test_a_fresh_run_clears_the_round_0_row_of_an_earlier_run(tmp_path: Path, tiny_base: Path) -> None:
     """Otherwise the new run's evaluation of the base adds a second round-0 row after the old one."""
     metrics.append_round(tmp_path, _row(0))
