@@ -6,8 +6,10 @@ without DP and at epsilon 8 and 3, with full fine-tuning and with LoRA adapters.
         --public ../shared/data/medical_tc_test.csv:medical_abstract \
         [--seeds 3] [--pretrain-steps 1500] [--out runs/bench-base]
 
-1. Base: `fedglm pretrain` of bench/base_model.yaml's model (tiny) on the public files given
-   (`PATH:FIELD`), kept in `<out>/base/` and resumed from there.
+1. Base: `fedglm pretrain` of the Hugging Face GLM-4 `tiny` preset (and its byte-level BPE
+   tokenizer, 2,000 tokens) on the public files given (`PATH:FIELD`), kept in `<out>/base/`
+   and resumed from there. The "random" start is a folder of the same preset and tokenizer
+   with random weights (init seed 0), in `<out>/random/`.
 2. MTSamples split into 4 hospitals by specialty (bench/federated.py's `make_sites`). One real
    SuperLink and 4 SuperNodes (TLS, loopback) run every configuration with the rounds, local
    steps, batch and topk compression of bench/base_model.yaml, for each seed:
@@ -33,7 +35,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from federated import make_sites, run_once, site_records  # noqa: E402  (bench/federated.py, beside this script)
+from federated import (  # noqa: E402  (bench/federated.py, beside this script)
+    PRESET,
+    make_sites,
+    random_base,
+    run_once,
+    site_split,
+    with_rounds,
+)
 
 from fedglm.app_bundle import fab_bytes  # noqa: E402
 from fedglm.atomic import atomic_write_text  # noqa: E402
@@ -42,12 +51,16 @@ from fedglm.config import (  # noqa: E402
     DataConfig,
     FederationConfig,
     PretrainConfig,
+    PretrainModelConfig,
     PrivacyConfig,
     SiteSpec,
     load_config,
 )
-from fedglm.layout import BASE_FILE  # noqa: E402
-from fedglm.pretrain import load_base, pretrain  # noqa: E402
+from fedglm.data import text_bytes  # noqa: E402
+from fedglm.layout import BASE_MODEL_DIR  # noqa: E402
+from fedglm.models.base import BaseModel  # noqa: E402
+from fedglm.models.tokenizer import encode_records  # noqa: E402
+from fedglm.pretrain import pretrain  # noqa: E402
 from fedglm.release import held_out  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
 from fedglm.simulate import ensure_signing_keys, local_stack  # noqa: E402
@@ -71,7 +84,11 @@ def public_source(text: str) -> DataConfig:
 
 def make_base(fed: FederationConfig, sources: list[DataConfig], steps: int, out: Path) -> Path:
     cfg = PretrainConfig(
-        model=fed.model, text=sources, steps=steps, seq_len=fed.train.seq_len, out_dir=out / "base"
+        model=PretrainModelConfig(preset=PRESET, init_seed=fed.model.init_seed),
+        text=sources,
+        steps=steps,
+        seq_len=fed.train.seq_len,
+        out_dir=out / "base",
     )
     started = time.perf_counter()
     manifest = pretrain(
@@ -81,22 +98,28 @@ def make_base(fed: FederationConfig, sources: list[DataConfig], steps: int, out:
         f"  base: {manifest['steps']} steps on {manifest['train_records']:,} public records, "
         f"held-out loss {manifest['final']['val_loss']:.4f} ({time.perf_counter() - started:.0f} s)"
     )
-    return cfg.out_dir / BASE_FILE
+    return cfg.out_dir / BASE_MODEL_DIR
 
 
 def before_fine_tuning(base: Path, sites: list[SiteSpec], seq_len: int) -> float:
     """The base's validation loss on the hospitals' validation records, averaged over the sites
     as the federation's evaluation averages them: the loss every "base" run starts from."""
-    model = load_base(base).model
-    return statistics.fmean(held_out(model, site_records(site)[1], seq_len).loss for site in sites)
+    opened = BaseModel.open(base)
+    model, tokenizer = opened.build(lora=None), opened.tokenizer()
+    losses = []
+    for site in sites:
+        val = site_split(site).val
+        losses.append(held_out(model, encode_records(tokenizer, val), seq_len, text_bytes(val)).loss)
+    return statistics.fmean(losses)
 
 
-def set_sites(sites: list[SiteSpec], out: Path, privacy: PrivacyConfig, run: str) -> None:
-    """Point every SuperNode's site spec at this configuration's privacy and a fresh state."""
+def set_sites(sites: list[SiteSpec], out: Path, privacy: PrivacyConfig, run: str, base: Path) -> None:
+    """Point every SuperNode's site spec at this configuration's privacy, base folder and a fresh
+    state."""
     for site in sites:
         state = out / "sites" / site.name / run
         shutil.rmtree(state, ignore_errors=True)  # a ledger left by an earlier bench run would decline
-        spec = site.model_copy(update={"privacy": privacy, "state_dir": state})
+        spec = site.model_copy(update={"privacy": privacy, "state_dir": state, "base": base})
         ensure_signing_keys([spec])
         atomic_write_text(out / "sites" / site.name / SITE_NAME, spec.model_dump_json(indent=2) + "\n")
 
@@ -118,6 +141,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-base")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, help="override the config's rounds (fewer: a quicker run)")
     parser.add_argument(
         "--base-lr", type=float, default=2e-3, help="learning rate of full fine-tuning from the base"
     )
@@ -127,10 +151,15 @@ def main() -> None:
     parser.add_argument("--dp", nargs="+", choices=list(PRIVACY), default=list(PRIVACY))
     args = parser.parse_args()
     out = args.out.absolute()
-    fed = load_config(args.config, FederationConfig)
+    fed = with_rounds(load_config(args.config, FederationConfig), args.rounds)
     print("1. base model on public text")
     base = make_base(fed, [public_source(p) for p in args.public], args.pretrain_steps, out)
-    sites = make_sites(args.data, out)
+    starts = {"base": base}
+    if "random" in args.starts:
+        starts["random"] = random_base(
+            out / "random", BaseModel.open(base).tokenizer(), seed=fed.model.init_seed
+        )
+    sites = make_sites(args.data, out, base=base)
     start_loss = before_fine_tuning(base, sites, fed.train.seq_len)
     print(f"  the base's validation loss on the hospitals' records, before fine-tuning: {start_loss:.4f}")
     runs: dict[tuple[str, str, str], list[list[dict[str, Any]]]] = {}
@@ -144,19 +173,22 @@ def main() -> None:
                 if tuning == "lora":
                     lr = args.lora_lr
                 train = fed.train.model_copy(update={"adapters": tuning, "lr": lr})
-                update: dict[str, Any] = {"seed": seed, "train": train, "require_dp": dp != "no DP"}
-                if start == "base":
-                    update["base"] = base
+                update: dict[str, Any] = {
+                    "seed": seed,
+                    "train": train,
+                    "require_dp": dp != "no DP",
+                    "base": starts[start],
+                }
                 federation = fed.model_copy(update=update)
                 name = f"{start}-{tuning}-{dp.replace(' ', '')}-seed{seed}"
-                set_sites(sites, out, PRIVACY[dp], name)
+                set_sites(sites, out, PRIVACY[dp], name, starts[start])
                 started = time.perf_counter()
                 rows = run_once(client, fab, federation, out / "runs" / name)
                 if not rows:
                     raise SystemExit(f"{name}: no round finished (see {out / 'runs' / name})")
                 runs.setdefault((start, tuning, dp), []).append(rows)
                 eps = rows[-1].get("epsilon_max") or 0.0
-                up = statistics.fmean(r["upload_bytes"] for r in rows)
+                up = statistics.fmean(r["upload_bytes"] for r in trained(rows))
                 print(
                     f"  {name:28s} val_loss {rows[-1]['val_loss']:.4f}  eps {eps:.2f}  "
                     f"up/round {up:>10,.0f} B  ({time.perf_counter() - started:.0f} s)",
@@ -170,13 +202,18 @@ def main() -> None:
     print(f"learning rates: {rates}")
 
 
+def trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training rounds' rows (not round 0, where the sites evaluate the base)."""
+    return [r for r in rows if r["round"] > 0]
+
+
 def report(
     runs: dict[tuple[str, str, str], list[list[dict[str, Any]]]], fed: FederationConfig, seeds: int
 ) -> None:
     up = fed.compression.uplink
     print(
-        f"\n4 hospitals, {fed.rounds} rounds x {fed.train.local_steps} local steps, model "
-        f"{fed.model.preset}, uplink {up.codec} {up.density:g}; means over {seeds} seed(s)"
+        f"\n4 hospitals, {fed.rounds} rounds x {fed.train.local_steps} local steps, GLM-4 "
+        f"{PRESET}, uplink {up.codec} {up.density:g}; means over {seeds} seed(s)"
     )
     header = ["val loss", "spread", "vs no DP", "eps", "up B/round"]
     print(
@@ -189,7 +226,7 @@ def report(
         without = runs.get((start, tuning, "no DP"))
         plain = statistics.fmean(rows[-1]["val_loss"] for rows in without) if without else float("nan")
         eps = max((rows[-1].get("epsilon_max") or 0.0) for rows in seeded)
-        sent = statistics.fmean(statistics.fmean(r["upload_bytes"] for r in rows) for rows in seeded)
+        sent = statistics.fmean(statistics.fmean(r["upload_bytes"] for r in trained(rows)) for rows in seeded)
         cells = [f"{loss:.4f}", f"{max(finals) - min(finals):.4f}", f"{loss / plain - 1:+.2%}", f"{eps:.2f}"]
         cells.append(f"{sent:,.0f}")
         print(

@@ -3,9 +3,10 @@
     python bench/codec_bench.py --data ../shared/data/mtsamples.csv [--synthetic-size 100000000]
 
 Updates measured:
-- `small/adamw` and `small/sgd`: the change of the `small` model (3.3 M parameters) after one
-  local round (20 steps, batch 16 x 128) on MTSamples notes, with AdamW and with SGD+momentum
-  (the two give differently shaped updates: flat against heavy-tailed);
+- `small/adamw` and `small/sgd`: the change of the `small` Hugging Face GLM-4 preset (random
+  weights, full fine-tuning; bench/federated.py's public BPE tokenizer) after one local round
+  (20 steps, batch 16 x 128 tokens) on MTSamples notes, with AdamW and with SGD+momentum (the
+  two give differently shaped updates: flat against heavy-tailed);
 - `synthetic`: 100 M values, heavy-tailed (Student t, 3 degrees of freedom, times a log-normal
   per-row scale), as one tensor.
 For each codec and density: payload bytes, ratio to dense fp32, relative L2 error, encode and
@@ -30,11 +31,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from federated import public_tokenizer  # noqa: E402  (bench/federated.py, beside this script)
+
 from fedglm.compression import CODECS  # noqa: E402
 from fedglm.compression.update import encode_tensors  # noqa: E402
-from fedglm.config import ModelConfig  # noqa: E402
-from fedglm.data import encode, load_records, sample_batches  # noqa: E402
-from fedglm.model import build_model  # noqa: E402
+from fedglm.data import load_records, sample_batches  # noqa: E402
+from fedglm.models.lora import wire_state  # noqa: E402
+from fedglm.models.presets import build_glm4, glm4_config  # noqa: E402
+from fedglm.models.tokenizer import encode_records  # noqa: E402
 from fedglm.training import make_optimizer, resolve_precision, train_local  # noqa: E402
 
 SPARSE_DENSITIES = (0.1, 0.01, 0.001)
@@ -51,9 +55,16 @@ def best_of(repeats: int, f: Callable[[], object]) -> float:
 
 
 def real_update(data: Path, optimizer: str, steps: int) -> Update:
-    records = [encode(t) for t in load_records(data, "csv", "transcription")[:2000]]
-    model = build_model(ModelConfig(preset="small").glm_args(), 0)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokenizer = public_tokenizer()
+    records = encode_records(tokenizer, load_records(data, "csv", "transcription")[:2000])
+    config = glm4_config(
+        "small",
+        vocab_size=len(tokenizer),
+        bos_token_id=int(tokenizer.bos_token_id),
+        eos_token_id=int(tokenizer.eos_token_id),
+    )
+    model = build_glm4(config, 0)
+    before = {k: v.clone() for k, v in wire_state(model).items()}
     lr = 1e-3 if optimizer == "adamw" else 0.3
     train_local(
         model,
@@ -64,7 +75,7 @@ def real_update(data: Path, optimizer: str, steps: int) -> Update:
         grad_clip=1.0,
         device=torch.device("cpu"),
     )
-    return {k: (v.float() - before[k]).reshape(-1).numpy().copy() for k, v in model.state_dict().items()}
+    return {k: (v.float() - before[k]).reshape(-1).numpy().copy() for k, v in wire_state(model).items()}
 
 
 def synthetic_update(n: int) -> Update:

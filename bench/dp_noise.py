@@ -2,7 +2,8 @@
 public base, with the noise multiplier scaled down, against the same run without DP.
 
     python bench/dp_noise.py --data ../shared/data/mtsamples.csv \
-        [--base runs/bench-base/base/base.pt] [--scales 1 0.5 0.25 0.1 0] [--epsilon 8] [--seeds 1]
+        [--base runs/bench-base/base/model] [--scales 1 0.5 0.25 0.1 0] [--epsilon 8] [--seeds 1]
+        [--rounds N]
 
 An analysis, not a private run: below scale 1 the noise spends more than the budget, so no
 ledger is kept and nothing leaves the process. It separates the two things DP-SGD does to the
@@ -13,8 +14,9 @@ update, so the gap to the run without DP can be attributed:
 - scale 0: clipping to the clip norm with no noise at all;
 - `no DP`: the ClientApp's non-private training.
 Everything else is the federation's own code run in one process: the sites of
-bench/base_model.py (`make_sites`, their training / validation split), the base `bench/base_model.py`
-pretrained (run it first), bench/base_model.yaml's rounds, local steps, batch and learning rate
+bench/base_model.py (`make_sites`, their training / validation split, tokenised with the base's
+tokenizer), the base folder `bench/base_model.py` pretrained (run it first; any base folder with
+`--base`), bench/base_model.yaml's rounds, local steps, batch and learning rate
 (`--lr`), the ClientApp's training functions (`train_private`, `train_local`) with a fresh
 AdamW each round, the uplink's top-k with error feedback (`encode_tensors`), uniform averaging,
 and the coordinator's downlink (`Broadcast.advance`). Printed: final validation loss (mean over
@@ -36,13 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from federated import make_sites, site_records  # noqa: E402  (bench/federated.py, beside this script)
+from federated import make_sites, site_split, with_rounds  # noqa: E402  (bench/federated.py, beside this script)
 
 from fedglm.compression import CODECS  # noqa: E402
 from fedglm.compression.update import encode_tensors  # noqa: E402
 from fedglm.config import FederationConfig, PrivacyConfig, TrainConfig, load_config  # noqa: E402
-from fedglm.data import sample_batches  # noqa: E402
-from fedglm.pretrain import load_base  # noqa: E402
+from fedglm.data import sample_batches, text_bytes  # noqa: E402
+from fedglm.models.base import BaseModel  # noqa: E402
+from fedglm.models.lora import load_wire_state, wire_state  # noqa: E402
+from fedglm.models.tokenizer import encode_records  # noqa: E402
 from fedglm.privacy.accounting import calibrate_sigma  # noqa: E402
 from fedglm.privacy.dpsgd import dp_precision, train_private  # noqa: E402
 from fedglm.release import held_out  # noqa: E402
@@ -56,6 +60,7 @@ from fedglm.training import (  # noqa: E402
 )
 
 DEVICE = torch.device("cpu")
+Site = tuple[list[list[int]], list[list[int]], int]  # training records, validation records, their bytes
 
 
 def site_update(
@@ -118,7 +123,7 @@ def site_sigma(privacy: PrivacyConfig, fed: FederationConfig, n_train: int) -> f
 
 def federation(
     base: torch.nn.Module,
-    sites: list[tuple[list[list[int]], list[list[int]]]],
+    sites: list[Site],
     fed: FederationConfig,
     privacy: PrivacyConfig,
     sigmas: list[float] | None,
@@ -126,7 +131,7 @@ def federation(
 ) -> float:
     """Final validation loss of one run with each site's noise multiplier; `sigmas` None: without DP."""
     cfg, up, down = fed.train, fed.compression.uplink, fed.compression.downlink
-    broadcast = Broadcast(base.state_dict())
+    broadcast = Broadcast(wire_state(base))
     names = broadcast.trainable
     shapes = broadcast.update_shapes
     residuals = [{name: np.zeros(int(np.prod(shapes[name])), np.float32) for name in names} for _ in sites]
@@ -134,11 +139,11 @@ def federation(
     losses: list[float] = []
     for server_round in range(1, fed.rounds + 1):
         total = {name: np.zeros(int(np.prod(shapes[name])), np.float32) for name in names}
-        for index, ((train, _), sigma) in enumerate(zip(sites, noise, strict=True)):
+        for index, ((train, _, _), sigma) in enumerate(zip(sites, noise, strict=True)):
             model = copy.deepcopy(base)
-            model.load_state_dict(broadcast.state)
+            load_wire_state(model, broadcast.state)
             site_update(model, train, cfg, sigma, privacy, seed=seed * 10_000 + server_round * 100 + index)
-            trained = model.state_dict()
+            trained = wire_state(model)
             values = {
                 name: (trained[name].float() - broadcast.state[name]).reshape(-1).numpy()
                 + residuals[index][name]
@@ -154,32 +159,43 @@ def federation(
             total, server_round, codec=CODECS[down.codec], density=down.density, selection=down.selection
         )
         model = copy.deepcopy(base)
-        model.load_state_dict(broadcast.state)
-        losses = [held_out(model, val, cfg.seq_len).loss for _, val in sites]
+        load_wire_state(model, broadcast.state)
+        losses = [held_out(model, val, cfg.seq_len, n_bytes).loss for _, val, n_bytes in sites]
     return statistics.fmean(losses)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="MTSamples CSV")
-    parser.add_argument("--base", type=Path, default=ROOT / "runs" / "bench-base" / "base" / "base.pt")
+    parser.add_argument("--base", type=Path, default=ROOT / "runs" / "bench-base" / "base" / "model")
     parser.add_argument("--config", type=Path, default=ROOT / "bench" / "base_model.yaml")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-dp-noise")
     parser.add_argument("--lr", type=float, default=2e-3, help="full fine-tuning's learning rate")
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.0])
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, help="override the config's rounds (fewer: a quicker run)")
     args = parser.parse_args()
-    if not args.base.is_file():
+    if not args.base.is_dir():
         raise SystemExit(
-            f"--base {args.base}: no such file; run bench/base_model.py first (it pretrains the base)"
+            f"--base {args.base}: no such folder; run bench/base_model.py first (it pretrains the base)"
         )
-    fed = load_config(args.config, FederationConfig)
+    fed = with_rounds(load_config(args.config, FederationConfig), args.rounds)
     fed = fed.model_copy(update={"train": fed.train.model_copy(update={"lr": args.lr})})
-    base = load_base(args.base).model
+    opened = BaseModel.open(args.base)
+    base, tokenizer = opened.build(lora=None), opened.tokenizer()
     privacy = PrivacyConfig(epsilon=args.epsilon, delta=1e-5)
-    sites = [site_records(site) for site in make_sites(args.data, args.out)]
-    calibrated = [site_sigma(privacy, fed, len(train)) for train, _ in sites]
+    sites: list[Site] = []
+    for site in make_sites(args.data, args.out):
+        split = site_split(site)
+        sites.append(
+            (
+                encode_records(tokenizer, split.train),
+                encode_records(tokenizer, split.val),
+                text_bytes(split.val),
+            )
+        )
+    calibrated = [site_sigma(privacy, fed, len(train)) for train, _, _ in sites]
     points: list[tuple[str, float | None]] = [("no DP", None)] + [(f"x{s:g}", s) for s in args.scales]
     results: dict[str, list[float]] = {}
     for label, scale in points:

@@ -3,9 +3,12 @@ and Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023).
 
     python bench/privacy_audit.py [--data ../shared/data/mtsamples.csv] [--crafted]
                                   [--canaries 1000] [--epsilon 8] [--crafted-epsilon 1]
-    PYTHONPATH=/tmp/old python bench/privacy_audit.py --crafted    # the same audit of an older
-                                     # fedglm (git worktree add /tmp/old <commit>); the script and
-                                     # the audit math (fedglm/privacy/canary.py) come from this tree
+
+The model is the Hugging Face GLM-4 `tiny` preset with a byte-level BPE tokenizer trained on
+generated public notes (bench/federated.py's `public_tokenizer`); records are token ids of that
+tokenizer. The script needs `fedglm.models` (the Hugging Face path): it can no longer audit a
+fedglm from before it (the table below was measured on the retired byte-level model, with an
+older fedglm on PYTHONPATH).
 
 A site (the first `--records` training records of `--data`, read and split as a ClientApp reads
 them, or generated notes) gets m canaries, each added independently with probability 1/2 from
@@ -23,7 +26,7 @@ delta). A bound above the ledger's epsilon means the round leaks more than its l
 Settings chosen to make the audit as tight as one run allows: q = 1 and one step (one Gaussian
 mechanism, no subsampling to hide in; the accountant's epsilon is then the Gaussian
 mechanism's), plain SGD (the update is linear in the noised gradient sum), canaries that do not
-look like the data (random strings over the bytes that no training record of the site holds,
+look like the data (random strings over the tokens that no training record of the site holds,
 so the data's gradients do not mask them), and a base pretrained briefly on public notes.
 
 **Normal model** (ledger epsilon `--epsilon`, 8 by default). Score of canary i: its own
@@ -36,12 +39,13 @@ on the topk payload (what the coordinator receives), and, for reference, on the 
 
 **Crafted model** (`--crafted`, ledger epsilon `--crafted-epsilon`, 1 by default). A
 coordinator sends finite weights that overflow one record's gradient on a trigger: every
-canary is one trigger byte b_i (a byte no training record holds) repeated over the window.
-Transformer blocks are zeroed (the model is embedding -> final RMSNorm -> untied lm_head);
-residual dims 0 and 1 carry a bigram model that makes trigger bytes improbable enough that
-their softmax probability is exactly 0 in fp32 (so ordinary records' gradients stay finite);
-the other dims have final-norm gains of 2^100, no embedding weight, and lm_head weight only in
-the row of each trigger byte. A record whose targets are b_i then has a finite loss and a
+canary is one trigger token b_i (a token no training record holds) repeated over the window.
+Transformer blocks are zeroed, norms included (GLM-4's post-norms then add exactly nothing: the
+model is embedding -> final RMSNorm -> untied lm_head); residual dims 0 and 1 carry a bigram
+model that makes trigger tokens improbable enough that their softmax probability is exactly 0
+in fp32 (so ordinary records' gradients stay finite); the other dims have final-norm gains of
+2^100, no embedding weight, and lm_head weight only in the row of each trigger token. A record
+whose targets are b_i then has a finite loss and a
 finite gradient at every position (about 1e37), whose sum over the window overflows in the
 embedding row b_i only: Opacus' clip factor C / inf = 0 and 0 * inf = NaN leave NaN in the
 summed gradient, in the noised update and in the trained model at the cells (b_i, column) of
@@ -51,16 +55,16 @@ NaN cells are never sent, while a NaN inside the sample makes the threshold NaN 
 whole tensor (the "empty payload"). The crafted model therefore puts each canary's overflow
 only in columns of row b_i outside that sample. Score of canary i: minus the number of its
 overflow cells that the payload carries (0 exactly when it was drawn; about 6 of ~60 when not).
-m is the number of bytes that no training record holds (at most `--canaries`).
+m is the number of tokens that no training record holds (at most `--canaries`).
 With the fix the site refuses these weights (`limits.check_weights`: |w| > 1e4), reported as
 such; the bench then also calls `train_private` directly on them, which exercises the
 per-record guard alone (a record whose gradient is not finite contributes zero).
 
-Only APIs present in both the old and the new fedglm are used; `train_private`'s keyword
-`expected_batch_size` (new) gets q times the site's record count, what the old code used.
+`train_private`'s keyword `expected_batch_size` gets q times the site's record count.
 
-Measured on 2 noisy CPU cores (generated site of 200 records, `--crafted`, about 60 s a run
-with the base cached in --out; delta 1e-5, q = 1, one step):
+Measured with the retired byte-level model (before the Hugging Face path) on 2 noisy CPU cores
+(generated site of 200 records, `--crafted`, about 60 s a run with the base cached in --out;
+delta 1e-5, q = 1, one step); figures of this version: docs/privacy.md:
 
 | fedglm | run | m | r | v | epsilon lower (95%) | ledger epsilon | sigma |
 |---|---|---|---|---|---|---|---|
@@ -96,6 +100,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # after PYTHONPATH and the installed package: an older fedglm wins
@@ -106,10 +111,14 @@ import fedglm  # noqa: E402
 from fedglm import compression  # noqa: E402
 from fedglm.compression import CODECS, NO_HASH, Header, Kind, model_hash  # noqa: E402
 from fedglm.compression.select import MAX_SAMPLES, OVERSAMPLE, SAMPLES_PER_KEPT, keep_count  # noqa: E402
-from fedglm.config import ModelConfig, UplinkConfig  # noqa: E402
+from fedglm.config import UplinkConfig  # noqa: E402
 from fedglm.corpus import generate_public_records, generate_site_records  # noqa: E402
-from fedglm.data import encode, load_records, sample_batches, split_records, window_batch  # noqa: E402
-from fedglm.model import BOS_ID, EOS_ID, GLM, build_model, load_model, save_model  # noqa: E402
+from fedglm.data import load_records, sample_batches, split_records, window_batch  # noqa: E402
+from fedglm.models.causal import forward_logits  # noqa: E402
+from fedglm.models.folder import load_model, load_tokenizer, save_folder  # noqa: E402
+from fedglm.models.lora import wire_state  # noqa: E402
+from fedglm.models.presets import build_glm4, glm4_config  # noqa: E402
+from fedglm.models.tokenizer import encode_records, train_tokenizer  # noqa: E402
 from fedglm.privacy.accounting import Release, calibrate_sigma, epsilon  # noqa: E402
 from fedglm.privacy.dpsgd import per_record_loss, train_private  # noqa: E402
 from fedglm.training import make_optimizer, train_local  # noqa: E402
@@ -160,28 +169,50 @@ class Row:
     note: str = ""
 
 
-def site_records(data: Path | None, field: str, count: int, seed: int) -> list[list[int]]:
-    """The site's training records, read and split as its ClientApp does, or generated notes."""
+def site_records(
+    data: Path | None, field: str, count: int, seed: int, tokenizer: PreTrainedTokenizerFast
+) -> list[list[int]]:
+    """The site's training records, read and split as its ClientApp does, or generated notes,
+    as token ids of the base's tokenizer."""
     if data is None:
         texts = generate_site_records(0, count, seed)
     else:
         texts = split_records(load_records(data, None, field), 0.1, 0).train[:count]
-    return [encode(text) for text in texts]
+    return encode_records(tokenizer, texts)
 
 
-def unused_bytes(records: list[list[int]]) -> list[int]:
+def unused_tokens(records: list[list[int]], vocab: int) -> list[int]:
+    """The token ids no record holds (the tokenizer's special tokens occur in every record)."""
     seen = {token for record in records for token in record}
-    return [b for b in range(256) if b not in seen]
+    return [t for t in range(vocab) if t not in seen]
 
 
-def pretrained_base(out: Path, steps: int) -> GLM:
-    """The tiny preset after `steps` plain AdamW steps on generated public notes (cached)."""
-    path = out / f"base-tiny-{steps}.pt"
-    if path.is_file():
-        return load_model(path)
-    model = build_model(ModelConfig().glm_args(), 0)
+def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Any:
+    return glm4_config(
+        "tiny",
+        vocab_size=len(tokenizer),
+        bos_token_id=int(tokenizer.bos_token_id),
+        eos_token_id=int(tokenizer.eos_token_id),
+    )
+
+
+def frame(tokenizer: PreTrainedTokenizerFast, body: list[int]) -> list[int]:
+    """A record of token ids `body`, framed as `encode_records` frames one."""
+    bos = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
+    return [*bos, *body, int(tokenizer.eos_token_id)]
+
+
+def pretrained_base(out: Path, steps: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """The tiny GLM-4 preset after `steps` plain AdamW steps on generated public notes, with its
+    tokenizer (cached as a base folder in --out)."""
+    folder = out / f"base-tiny-{steps}"
+    if (folder / "config.json").is_file():
+        return load_model(folder), load_tokenizer(folder)
+    public_texts = generate_public_records(3000, 0)
+    tokenizer = train_tokenizer(public_texts, 2000)
+    model = build_glm4(tiny_config(tokenizer), 0)
     if steps:
-        public = [encode(t) for t in generate_public_records(400, 0)]
+        public = encode_records(tokenizer, public_texts[:400])
         batches = sample_batches(
             public, batch_size=32, seq_len=128, generator=torch.Generator().manual_seed(0)
         )
@@ -189,16 +220,15 @@ def pretrained_base(out: Path, steps: int) -> GLM:
         train_local(
             model, batches, optimizer=optimizer, steps=steps, precision="fp32", grad_clip=1.0, device=DEVICE
         )
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(path, model)
-    return model
+    save_folder(model, tokenizer, folder)
+    return model, tokenizer
 
 
 def one_round(
-    model: GLM, records: list[list[int]], *, q: float, sigma: float, steps: int, seq_len: int
+    model: torch.nn.Module, records: list[list[int]], *, q: float, sigma: float, steps: int, seq_len: int
 ) -> dict[str, np.ndarray]:
     """The site's DP-SGD round on `model` (in place) as its ClientApp runs it; the model change."""
-    held = {name: t.detach().float().clone() for name, t in model.state_dict().items()}
+    held = {name: t.detach().float().clone() for name, t in wire_state(model).items()}
     extra: dict[str, Any] = {}
     if "expected_batch_size" in inspect.signature(train_private).parameters:
         extra["expected_batch_size"] = max(1.0, q * len(records))
@@ -218,7 +248,7 @@ def one_round(
             device=DEVICE,
             **extra,
         )
-    trained = model.state_dict()
+    trained = wire_state(model)
     return {name: (trained[name].detach().float() - base).reshape(-1).numpy() for name, base in held.items()}
 
 
@@ -250,13 +280,13 @@ def received(
 
 
 def canary_gradients(
-    model: GLM, canaries: list[list[int]], seq_len: int
+    model: torch.nn.Module, canaries: list[list[int]], seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each canary's per-record gradient under `model`, flattened in state-dict order, and its norm."""
     module = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="sum")
     module.train()  # Opacus records activations in training mode only (the model has no dropout)
     params = dict(module._module.named_parameters())
-    names = list(model.state_dict())
+    names = list(wire_state(model))
     rows, norms = [], []
     try:
         for first in range(0, len(canaries), 100):
@@ -265,7 +295,7 @@ def canary_gradients(
             module.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                per_record_loss(module(inputs), targets).sum().backward()
+                per_record_loss(forward_logits(module, inputs), targets).sum().backward()
             flat = torch.cat([params[n].grad_sample.reshape(len(picks), -1) for n in names], dim=1)
             for p in params.values():
                 p.grad_sample = None
@@ -285,19 +315,25 @@ def ridge_scores(gradients: torch.Tensor, norms: torch.Tensor, update: torch.Ten
     return scores
 
 
-def normal_audit(args: argparse.Namespace, base: GLM, data: list[list[int]], canary: ModuleType) -> list[Row]:
+def normal_audit(
+    args: argparse.Namespace,
+    base: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    data: list[list[int]],
+    canary: ModuleType,
+) -> list[Row]:
     started = time.perf_counter()
     rng = np.random.default_rng(args.seed)
-    alphabet = unused_bytes(data) or list(range(256))
+    alphabet = unused_tokens(data, len(tokenizer)) or list(range(len(tokenizer)))
     body = args.seq_len - 1
-    canaries = [[BOS_ID, *rng.choice(alphabet, size=body).tolist(), EOS_ID] for _ in range(args.canaries)]
+    canaries = [frame(tokenizer, rng.choice(alphabet, size=body).tolist()) for _ in range(args.canaries)]
     included = rng.random(args.canaries) < 0.5
     records = data + [c for c, inside in zip(canaries, included, strict=True) if inside]
     q, steps = args.q, args.steps
     sigma = calibrate_sigma(target_epsilon=args.epsilon, delta=DELTA, q=q, steps=steps, accountant="prv")
     ledger = epsilon([Release(sigma, q, steps)], DELTA, "prv")
     model = copy.deepcopy(base)
-    held = {name: t.detach().float().clone() for name, t in model.state_dict().items()}
+    held = {name: t.detach().float().clone() for name, t in wire_state(model).items()}
     check = model_check()
     note = "model check passed" if check is not None else "no model check in this fedglm"
     if check is not None:
@@ -341,22 +377,29 @@ def encoder_sample(n: int, density: float) -> set[int]:
     return set(np.random.default_rng(n).integers(0, n, size=size).tolist())
 
 
-def crafted_model(triggers: list[int], density: float, seq_len: int) -> tuple[GLM, dict[int, list[int]]]:
-    """The coordinator's crafted model (see the module docstring) and, per trigger byte, the
+EMBED = "model.embed_tokens.weight"
+
+
+def crafted_model(
+    tokenizer: PreTrainedTokenizerFast, triggers: list[int], density: float, seq_len: int
+) -> tuple[torch.nn.Module, dict[int, list[int]]]:
+    """The coordinator's crafted model (see the module docstring) and, per trigger token, the
     embedding columns its gradient overflows in."""
-    model = GLM(ModelConfig().glm_args())
-    d, vocab = model.args.d_model, model.args.vocab_size
+    config = tiny_config(tokenizer)
+    model = build_glm4(config, 0)
+    d, vocab = int(config.hidden_size), int(config.vocab_size)
     sampled = encoder_sample(vocab * d, density)
     columns = {b: [c for c in range(2, d) if b * d + c not in sampled] for b in triggers}
-    inv_rms = 1.0 / math.sqrt(1.0 / d + model.args.norm_eps)  # RMSNorm of a one-hot row
+    inv_rms = 1.0 / math.sqrt(1.0 / d + float(config.rms_norm_eps))  # RMSNorm of a one-hot row
     omega = PER_POSITION * seq_len / (GAIN * inv_rms)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0 if name.endswith("norm.weight") else 0.0)
-        embed, head = model.embed.weight, model.lm_head.weight
+        for p in model.parameters():
+            p.fill_(0.0)  # every block, its norms included, adds nothing to the residual stream
+        embed, head, norm = model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight
         embed[:, 0] = 1.0
         head[:, :2] = 1.0
-        model.norm.weight[2:] = GAIN
+        norm[:2] = 1.0
+        norm[2:] = GAIN
         for b in triggers:
             embed[b, 0], embed[b, 1] = 0.0, 1.0
             head[b, :2] = -(110.0 / inv_rms)  # softmax probability exactly 0 in fp32
@@ -364,14 +407,16 @@ def crafted_model(triggers: list[int], density: float, seq_len: int) -> tuple[GL
     return model, columns
 
 
-def crafted_audit(args: argparse.Namespace, data: list[list[int]], canary: ModuleType) -> list[Row]:
-    triggers = unused_bytes(data)[: args.canaries]
+def crafted_audit(
+    args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast, data: list[list[int]], canary: ModuleType
+) -> list[Row]:
+    triggers = unused_tokens(data, len(tokenizer))[: args.canaries]
     m = len(triggers)
     if m == 0:
-        return [Row("crafted", note="every byte occurs in the data: no trigger byte")]
+        return [Row("crafted", note="every token occurs in the data: no trigger token")]
     rng = np.random.default_rng(args.seed + 1)
     included = rng.random(m) < 0.5
-    canaries = [[BOS_ID] + [b] * (args.seq_len - 1) + [EOS_ID] for b in triggers]  # one whole window
+    canaries = [frame(tokenizer, [b] * (args.seq_len - 1)) for b in triggers]  # one whole window
     records = data + [c for c, inside in zip(canaries, included, strict=True) if inside]
     q, steps = args.q, args.steps
     sigma = calibrate_sigma(
@@ -383,8 +428,8 @@ def crafted_audit(args: argparse.Namespace, data: list[list[int]], canary: Modul
     rows = []
     for label, guard in runs:
         started = time.perf_counter()
-        model, columns = crafted_model(triggers, args.density, args.seq_len)
-        held = {name: t.detach().float().clone() for name, t in model.state_dict().items()}
+        model, columns = crafted_model(tokenizer, triggers, args.density, args.seq_len)
+        held = {name: t.detach().float().clone() for name, t in wire_state(model).items()}
         row = Row(label, m=m, ledger=ledger, sigma=sigma, q=q, steps=steps)
         rows.append(row)
         if guard is not None:
@@ -405,12 +450,12 @@ def crafted_audit(args: argparse.Namespace, data: list[list[int]], canary: Modul
             row.note += f"encoder refused the update: {str(exc)[:60]}"
             row.seconds = time.perf_counter() - started
             continue
-        d = model.args.d_model
-        sent = set(tensors["embed.weight"][0].tolist()) if "embed.weight" in tensors else set()
+        d = held[EMBED].shape[1]
+        sent = set(tensors[EMBED][0].tolist()) if EMBED in tensors else set()
         scores = np.array([-sum(b * d + c in sent for c in columns[b]) for b in triggers], dtype=np.float64)
         result = canary.audit_scores(scores, included, delta=DELTA)
         row.r, row.v, row.bound = result.r, result.v, result.epsilon
-        row.note += f"{nonfinite} non-finite values in the update; embed.weight " + (
+        row.note += f"{nonfinite} non-finite values in the update; {EMBED} " + (
             f"sent ({len(sent)} positions)" if sent else "NOT sent"
         )
         row.seconds = time.perf_counter() - started
@@ -438,7 +483,7 @@ def main() -> None:
     parser.add_argument("--field", default="transcription", help="CSV column or JSONL field of --data")
     parser.add_argument("--records", type=int, default=200, help="the site's training records")
     parser.add_argument(
-        "--canaries", type=int, default=1000, help="m (the crafted run: at most the unused bytes)"
+        "--canaries", type=int, default=1000, help="m (the crafted run: at most the unused tokens)"
     )
     parser.add_argument("--epsilon", type=float, default=8.0, help="ledger epsilon of the normal run")
     parser.add_argument("--crafted", action="store_true", help="also audit the crafted coordinator model")
@@ -461,18 +506,21 @@ def main() -> None:
         f"fedglm from {Path(fedglm.__file__).parent}; site model check: {model_check() is not None}",
         flush=True,
     )
-    data = site_records(args.data, args.field, args.records, args.seed)
-    print(f"site: {len(data)} training records, {len(unused_bytes(data))} byte values unused", flush=True)
+    started = time.perf_counter()
+    base, tokenizer = pretrained_base(args.out, args.pretrain_steps)
+    print(
+        f"base: tiny GLM-4, vocabulary {len(tokenizer)}, {args.pretrain_steps} public steps "
+        f"({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    data = site_records(args.data, args.field, args.records, args.seed, tokenizer)
+    unused = len(unused_tokens(data, len(tokenizer)))
+    print(f"site: {len(data)} training records, {unused} of {len(tokenizer)} tokens unused", flush=True)
     rows: list[Row] = []
     if not args.skip_normal:
-        started = time.perf_counter()
-        base = pretrained_base(args.out, args.pretrain_steps)
-        print(
-            f"base: tiny preset, {args.pretrain_steps} public steps ({time.perf_counter() - started:.0f} s)"
-        )
-        rows += normal_audit(args, base, data, canary)
+        rows += normal_audit(args, base, tokenizer, data, canary)
     if args.crafted:
-        rows += crafted_audit(args, data, canary)
+        rows += crafted_audit(args, tokenizer, data, canary)
     print_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"fedglm": str(Path(fedglm.__file__).parent), "delta": DELTA, "rows": [asdict(r) for r in rows]}

@@ -3,12 +3,13 @@ trimmed mean and median against the mean, with no hostile site.
 
     python bench/robust.py --data ../shared/data/mtsamples.csv [--seeds 1] [--rounds N]
                            [--uplink fp16] [--only median] [--trim-fraction 0.25]
-                           [--out runs/bench-robust]
+                           [--base FOLDER] [--out runs/bench-robust]
 
 MTSamples is partitioned into 4 hospitals by specialty (bench/federated.py's `make_sites`). One
 real SuperLink and 4 SuperNodes (TLS, loopback) then run, for each seed, the federation of
-bench/federated.yaml (same model, rounds, local training and data; its default compression,
-topk 10% uplink) once per aggregation rule (`federation.aggregation`):
+bench/federated.yaml (same base: the GLM-4 `tiny` preset with random weights of
+bench/federated.py's `random_base`, or --base; same rounds, local training and data; its
+default compression, topk 10% uplink) once per aggregation rule (`federation.aggregation`):
 - `mean`: the default weighted mean (uniform weights), the baseline;
 - `trimmed-mean`: with --trim-fraction 0.25, which drops one site at each end of every
   coordinate among 4 (the config default 0.2 would drop floor(0.2 x 4) = 0: the plain mean);
@@ -34,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from federated import make_sites, run_once  # noqa: E402  (bench/federated.py, beside this script)
+from federated import bench_base, describe_base, make_sites, run_once  # noqa: E402  (bench/federated.py, beside this script)
 
 from fedglm.app_bundle import fab_bytes  # noqa: E402
 from fedglm.compression import CODECS  # noqa: E402
@@ -90,9 +91,10 @@ def _spread(values: list[float]) -> str:
 def print_curves(runs: dict[str, list[list[dict[str, Any]]]], labels: dict[str, str]) -> None:
     rounds = min(len(rows) for seeds in runs.values() for rows in seeds)
     print(f"{'round':>5s} " + " ".join(f"{labels[rule]:>17s}" for rule in runs))
-    for i in range(rounds):
+    first = next(iter(runs.values()))[0]
+    for i in range(rounds):  # round 0: the sites' evaluation of the base
         losses = [statistics.fmean(rows[i]["val_loss"] for rows in seeds) for seeds in runs.values()]
-        print(f"{i + 1:5d} " + " ".join(f"{loss:17.4f}" for loss in losses))
+        print(f"{first[i]['round']:5d} " + " ".join(f"{loss:17.4f}" for loss in losses))
 
 
 def print_summary(runs: dict[str, list[list[dict[str, Any]]]], labels: dict[str, str]) -> None:
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (each runs every rule)")
     parser.add_argument("--rounds", type=int, help="override the config's rounds (fewer: a quicker run)")
     parser.add_argument("--uplink", choices=list(CODECS), help="override the config's uplink codec")
+    parser.add_argument("--base", type=Path, help="a base folder (default: random weights, <out>/base)")
     parser.add_argument(
         "--only", nargs="*", choices=RULES[1:], help=f"run these robust rules ({BASELINE} always runs)"
     )
@@ -127,8 +130,10 @@ def main() -> None:
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     out = args.out.absolute()
+    folder = bench_base(out, args.base)
     base = adjust(load_config(args.config, FederationConfig), args.rounds, args.uplink)
-    sites = make_sites(args.data, out)
+    base = base.model_copy(update={"base": folder})
+    sites = make_sites(args.data, out, base=folder)
     trimmed = trim_count(len(sites), args.trim_fraction)
     labels = {rule: rule for rule in RULES}
     labels["trimmed-mean"] = f"trimmed-mean@{args.trim_fraction:g}"
@@ -158,7 +163,7 @@ def main() -> None:
     trimming = f"trimmed-mean drops {trimmed} of {len(sites)} at each end; " if "trimmed-mean" in runs else ""
     print(
         f"\n{len(sites)} hospitals (clean: no hostile site), {base.rounds} rounds, "
-        f"model {base.model.preset}, {base.train.local_steps} local {base.train.optimizer} steps, "
+        f"base {describe_base(folder)}, {base.train.local_steps} local {base.train.optimizer} steps, "
         f"uplink {uplink}; {trimming}means over {args.seeds} seed(s)\n"
     )
     print("validation loss after each round")

@@ -1,13 +1,20 @@
 """Round overhead of fedglm against stock Flower, and local training throughput by precision.
 
-    python bench/round_overhead.py [--repeats 2] [--out runs/bench-round-overhead]
+    python bench/round_overhead.py [--repeats 2] [--steps 10] [--out runs/bench-round-overhead]
 
+Models are Hugging Face GLM-4s with the byte-level BPE tokenizer bench/federated.py trains on
+generated public notes; the base folder is bench/federated.py's `random_base` (the `tiny`
+preset, random weights) in `<out>/base/`, which every site holds.
 Part 1 starts ONE real SuperLink and two SuperNodes (TLS, loopback; bench/round_overhead.yaml)
-and runs the same model, data and local steps alternately through Flower's own
+and runs the same base, data and local steps alternately through Flower's own
 `flwr.serverapp.strategy.FedAvg.start` (bench/stock_fedavg.py) and through fedglm's ServerApp.
-Each run is timed from submission to completion; seconds per round = wall time / rounds.
-Part 2 times local training steps of the `small` model in fp32 and in the `auto` precision,
-alternating, in this process. Absolute times drift on a shared machine: read the ratios.
+Each run is timed from submission to completion; seconds per round = wall time / rounds. A
+fresh fedglm run also evaluates the base at the sites first (its round 0, which stock FedAvg
+does not run): its time (the server's `seconds` of that row) is printed apart and taken out of
+fedglm's seconds per round.
+Part 2 times local training steps of the `small` GLM-4 preset in fp32 and in the `auto`
+precision, alternating, in this process. Absolute times drift on a shared machine: read the
+ratios.
 """
 
 from __future__ import annotations
@@ -25,16 +32,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from federated import public_tokenizer, random_base  # noqa: E402  (bench/federated.py, beside this script)
+
+from fedglm import metrics  # noqa: E402
 from fedglm.app_bundle import fab_bytes  # noqa: E402
-from fedglm.config import ModelConfig, SimulateConfig, load_config  # noqa: E402
+from fedglm.config import SimulateConfig, load_config  # noqa: E402
 from fedglm.corpus import generate_site_records  # noqa: E402
-from fedglm.data import encode, sample_batches  # noqa: E402
+from fedglm.data import sample_batches  # noqa: E402
 from fedglm.flower import build_fab  # noqa: E402
 from fedglm.layout import SPEC_KEY  # noqa: E402
-from fedglm.model import build_model  # noqa: E402
+from fedglm.models.presets import build_glm4, glm4_config  # noqa: E402
+from fedglm.models.tokenizer import encode_records  # noqa: E402
 from fedglm.server.coordinator import write_spec  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
-from fedglm.simulate import local_stack, simulated_sites  # noqa: E402
+from fedglm.simulate import local_stack, simulated_sites, with_base  # noqa: E402
 from fedglm.training import make_optimizer, resolve_precision, train_local  # noqa: E402
 
 
@@ -52,9 +63,12 @@ def round_overhead(config: SimulateConfig, out: Path, repeats: int) -> None:
     stock_fab = build_fab(ROOT / "bench" / "stock_app")
     fedglm_fab = fab_bytes()
     allowed = [hashlib.sha256(f).hexdigest() for f in (fedglm_fab, stock_fab)]
-    sites = simulated_sites(config, out)
-    rounds = config.federation.rounds
+    folder = random_base(out / "base", public_tokenizer())
+    federation = config.federation.model_copy(update={"base": folder})
+    sites = with_base(simulated_sites(config, out), folder)
+    rounds = federation.rounds
     times: dict[str, list[float]] = {"stock": [], "fedglm": []}
+    round0: list[float] = []
     with local_stack(
         sites, out, on_status=print, allowed_apps=allowed, extra_pythonpath=[ROOT / "bench"]
     ) as stack:
@@ -64,10 +78,15 @@ def round_overhead(config: SimulateConfig, out: Path, repeats: int) -> None:
                 for name, fab in (("stock", stock_fab), ("fedglm", fedglm_fab)):
                     run_dir = out / f"{name}-{repeat}"
                     shutil.rmtree(run_dir, ignore_errors=True)
-                    spec = write_spec(run_dir, config.federation, resume=False)
-                    seconds = timed_run(client, fab, spec) / rounds
+                    spec = write_spec(run_dir, federation, resume=False)
+                    wall = timed_run(client, fab, spec)
+                    first = [r["seconds"] for r in metrics.read_rows(run_dir) if r["round"] == 0]
+                    if first:
+                        round0.append(first[0])
+                    seconds = (wall - sum(first)) / rounds
                     times[name].append(seconds)
-                    print(f"  repeat {repeat + 1} {name:7s} {seconds:6.2f} s/round")
+                    extra = f" (+ round 0: {first[0]:.2f} s)" if first else ""
+                    print(f"  repeat {repeat + 1} {name:7s} {seconds:6.2f} s/round{extra}")
         finally:
             client.close()
     stock, ours = statistics.median(times["stock"]), statistics.median(times["fedglm"])
@@ -77,18 +96,26 @@ def round_overhead(config: SimulateConfig, out: Path, repeats: int) -> None:
     )
     print(f"  stock Flower FedAvg  {stock:6.2f} s/round")
     print(f"  fedglm               {ours:6.2f} s/round")
+    if round0:
+        print(f"  fedglm round 0       {statistics.median(round0):6.2f} s (the base evaluated, once per run)")
     print(f"  ratio fedglm/stock   {ours / stock:6.3f}  (target <= 1.10)")
 
 
 def throughput(steps: int, repeats: int) -> None:
-    cfg = ModelConfig(preset="small")
-    records = [encode(t) for t in generate_site_records(0, 200, 0)]
+    tokenizer = public_tokenizer()
+    config = glm4_config(
+        "small",
+        vocab_size=len(tokenizer),
+        bos_token_id=int(tokenizer.bos_token_id),
+        eos_token_id=int(tokenizer.eos_token_id),
+    )
+    records = encode_records(tokenizer, generate_site_records(0, 200, 0))
     device = torch.device("cpu")
     auto = resolve_precision("auto", device)
     results: dict[str, list[float]] = {"fp32": [], auto: []}
     for _ in range(repeats):
         for precision in dict.fromkeys(("fp32", auto)):
-            model = build_model(cfg.glm_args(), 0)
+            model = build_glm4(config, 0)
             optimizer = make_optimizer(model, name="adamw", lr=1e-3, momentum=0.9, weight_decay=0.0)
             batches = sample_batches(
                 records, batch_size=16, seq_len=256, generator=torch.Generator().manual_seed(0)
@@ -114,7 +141,7 @@ def throughput(steps: int, repeats: int) -> None:
             results[precision].append(stats.tokens_per_second)
     fp32, best = statistics.median(results["fp32"]), statistics.median(results[auto])
     print(
-        f"\nlocal training throughput (small model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+        f"\nlocal training throughput (small GLM-4, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
         f"parameters, batch 16 x 256 tokens, {torch.get_num_threads()} threads, median of {repeats}):"
     )
     print(f"  fp32                 {fp32:8.0f} tokens/s")

@@ -1,7 +1,10 @@
 """The baseline of the benchmarks: Flower's own FedAvg driving fedglm's ClientApp, dense fp32.
 
-It reads the same run spec as fedglm's ServerApp (model, local training, rounds) and runs
-`flwr.serverapp.strategy.FedAvg(...).start(...)` as a Flower user would write it. The grid is
+It reads the same run spec as fedglm's ServerApp (base folder, local training, rounds) and runs
+`flwr.serverapp.strategy.FedAvg(...).start(...)` as a Flower user would write it: the initial
+arrays are the base folder's model (with the run's LoRA adapters when `train.adapters` is
+`lora`), every tensor sent dense fp32 both ways; the round config announces the base's hash,
+which every site checks against its own copy of the folder. The grid is
 wrapped to count the bytes of every message pushed and pulled (serialized records, as fedglm
 counts its own), and a `metrics.jsonl` with fedglm's keys is written into the run folder.
 """
@@ -17,7 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedglm import metrics
-from fedglm.model import build_model
+from fedglm.atomic import atomic_write_text
+from fedglm.layout import DONE_NAME
+from fedglm.models.base import open_run_base
 from fedglm.payload import CONFIG_KEY, state_record, wire_bytes
 from fedglm.protocol import RoundConfig
 from fedglm.server.app import read_spec
@@ -53,7 +58,8 @@ class CountingGrid:
 def main(grid: Grid, context: Context) -> None:
     spec = read_spec(context)
     fed = spec.federation
-    model = build_model(fed.model.glm_args(), fed.model.init_seed)
+    base = open_run_base(fed.base, fed.train.seq_len)
+    model = base.build(lora=fed.train.lora_spec(fed.model.init_seed, base.family))
     strategy = FedAvg(
         fraction_train=fed.fraction_train,
         fraction_evaluate=1.0,
@@ -63,7 +69,9 @@ def main(grid: Grid, context: Context) -> None:
         weighted_by_key="weight",
     )
     # Flower's FedAvg adds `server-round` to this config itself.
-    config = RoundConfig(model=fed.model, train=fed.train, seed=fed.seed).to_record()
+    config = RoundConfig(
+        model=fed.model, train=fed.train, seed=fed.seed, rounds=fed.rounds, base_hash=base.hash
+    ).to_record()
     counting = CountingGrid(grid)
     result = strategy.start(
         grid=counting,
@@ -90,3 +98,4 @@ def main(grid: Grid, context: Context) -> None:
             "seconds": None,
         }
         metrics.append_round(spec.out_dir, row)
+    atomic_write_text(spec.out_dir / DONE_NAME, f"{fed.rounds}\n")

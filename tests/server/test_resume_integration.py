@@ -68,8 +68,9 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths,
     clients = [launch(["client", "--config", f"h{i}.yaml"], f"h{i}") for i in (1, 2)]
     try:
         first = launch(["server", "--config", "coordinator.yaml"], "server1")
-        # Mid-round 2: a site has spent its budget on round 2, the coordinator has not finished it.
-        _wait_for(lambda: max(_entries(tmp_path / f"state-{i}") for i in (1, 2)) == 2, 300, "round 2 spent")
+        # Mid-round 2: a site has spent its budget on round 2, the coordinator has not finished it
+        # (after round 0, the evaluation of the base, and round 1).
+        _wait_for(lambda: max(_entries(tmp_path / f"state-{i}") for i in (1, 2)) == 2, 420, "round 2 spent")
         tree = _descendants(first.pid)
         assert any("serverapp" in command for command in tree.values()), tree
         first.send_signal(signal.SIGKILL)  # no chance to clean up: its Flower processes must die with it
