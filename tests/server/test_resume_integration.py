@@ -66,8 +66,10 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths,
         return subprocess.Popen([*FEDGLM, *args], cwd=tmp_path, stdout=logs[log], stderr=subprocess.STDOUT)
 
     clients = [launch(["client", "--config", f"h{i}.yaml"], f"h{i}") for i in (1, 2)]
+    servers: list[subprocess.Popen[bytes]] = []
     try:
         first = launch(["server", "--config", "coordinator.yaml"], "server1")
+        servers.append(first)
         # Mid-round 2: a site has spent its budget on round 2, the coordinator has not finished it
         # (after round 0, the evaluation of the base, and round 1).
         _wait_for(lambda: max(_entries(tmp_path / f"state-{i}") for i in (1, 2)) == 2, 420, "round 2 spent")
@@ -81,12 +83,15 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths,
         _wait_for(lambda: _port_free(port), 30, "the old SuperLink's port")
 
         second = launch(["server", "--config", "coordinator.yaml"], "server2")
+        servers.append(second)
         assert second.wait(300) == 0, (tmp_path / "server2.log").read_text()
     finally:
-        for process in clients:
+        # A failed wait leaves a server running: stop it, with its Flower processes, and the sites.
+        running = [process for process in [*servers, *clients] if process.poll() is None]
+        for process in running:
             process.send_signal(signal.SIGTERM)
-        for process in clients:
-            process.wait(30)
+        for process in running:
+            process.wait(60)
 
     assert _rounds(out) == [0, 1, 2]  # round 0: the base evaluated once, kept across the restart
     assert f"Resuming from the checkpoint of round {checkpoint.round}" in (out / "serverapp.log").read_text()
