@@ -25,6 +25,7 @@ from fedglm.config import DataConfig, FederationConfig, PretrainConfig, ShareCon
 from fedglm.corpus import write_generated_corpus
 from fedglm.errors import InputError, check_out_folder
 from fedglm.layout import BASE_MODEL_DIR, SIMULATION_MARK, SPEC_NAME
+from fedglm.models.base import open_federation_base
 from fedglm.nodes import NODE_PUB, ensure_node_keys, read_node_public_key
 from fedglm.pretrain import OtherConfigState, pretrain
 from fedglm.privacy.keys import load_private_key, make_keys
@@ -226,6 +227,7 @@ def simulation_federation(
             f"{manifest['final']['val_loss']:.4f} on public text"
         )
         fed = fed.model_copy(update={"base": folder / BASE_MODEL_DIR})
+        open_federation_base(fed)  # adapters the pretrained family lacks fail before any site starts
     return fed
 
 
@@ -248,6 +250,8 @@ def run_simulation(
     check_out_dir(out_dir)
     for site in config.sites or []:
         on_status(describe_site_data(site))  # bad data fails here, before anything is touched
+    if config.federation.base is not None:
+        open_federation_base(config.federation)  # so does a bad base or adapter setting
     keep_earlier_run(out_dir, on_status)
     sites = simulated_sites(config, out_dir)
     ensure_signing_keys(sites)

@@ -16,6 +16,7 @@ from fedglm.clients.site import SITE_NAME, describe_site_data
 from fedglm.clients.supernode import NodeRefused, node_refused, preflight, refusal_message, start_supernode
 from fedglm.config import HospitalConfig, load_config
 from fedglm.errors import CheckFailed, InputError
+from fedglm.models.base import BaseModel
 from fedglm.nodes import NODE_KEY, NODE_PUB, ensure_node_keys
 from fedglm.privacy.site import describe_site_privacy
 from fedglm.processes import check_port_free
@@ -42,6 +43,7 @@ def client(
     ca_cert = _ca_cert(cfg, insecure, config)
     check_port_free("127.0.0.1", cfg.runtime_port, "runtime_port")
     status(describe_site_data(cfg.site_spec()))  # bad data or a delta too large fail here, first
+    status(_describe_base(cfg.base))  # so does a base folder that is refused or damaged
     if cfg.privacy.enabled:  # so do a missing signing key and a damaged ledger
         status(describe_site_privacy(cfg.site_spec()))
     node_key = _node_key(cfg, config) if ca_cert is not None else None
@@ -98,6 +100,14 @@ def client(
             )
     except KeyboardInterrupt:
         status(f"{cfg.site}: leaving the federation")
+
+
+def _describe_base(folder: Path) -> str:
+    base = BaseModel.open(folder)
+    return (
+        f"base model {folder}: {base.family.architecture}, {base.parameters:,} parameters, hash "
+        f"{base.hash[:16]}... (the coordinator must announce this hash, or this site refuses its rounds)"
+    )
 
 
 def _ca_cert(cfg: HospitalConfig, insecure: bool, path: Path) -> Path | None:

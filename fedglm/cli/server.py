@@ -12,7 +12,7 @@ from fedglm.cli.progress import print_release, print_round, print_table, status
 from fedglm.config import CoordinatorConfig, ListedSite, load_config
 from fedglm.errors import InputError
 from fedglm.layout import METRICS_NAME, RELEASE_DIR
-from fedglm.models.base import open_run_base
+from fedglm.models.base import open_federation_base
 from fedglm.release import public_text, release
 from fedglm.server.coordinator import admit_sites, execute_run, read_listed_keys, write_spec
 from fedglm.server.superlink import TLSFiles, check_insecure_allowed, start_superlink
@@ -30,7 +30,7 @@ def server(
     tls = _tls(cfg, insecure, config)
     keys = read_listed_keys(_listed_sites(cfg, tls, config))
     fed = cfg.federation
-    base = open_run_base(fed.base, fed.train.seq_len)  # a missing or unfit base fails now
+    base, _ = open_federation_base(fed)  # a missing or unfit base, or bad adapters, fail now
     status(
         f"base model {base.folder}: {base.family.architecture}, {base.parameters:,} parameters, "
         f"hash {base.hash[:16]}..."

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,9 +25,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from fedglm.errors import InputError
 from fedglm.models.families import Family, Shape, shape_of
-from fedglm.models.folder import check_folder, folder_hash, load_model, load_tokenizer
+from fedglm.models.folder import check_folder, check_weight_headers, folder_hash, load_model, load_tokenizer
 from fedglm.models.lora import LoraSpec, add_adapters, check_targets, load_wire_state, wire_state
 from fedglm.models.pruning import Mask, pruned_config, slice_state
+
+if TYPE_CHECKING:
+    from fedglm.config import FederationConfig
 
 
 def meta_model(config: Any) -> nn.Module:
@@ -49,6 +52,7 @@ class BaseModel:
     @classmethod
     def open(cls, folder: Path) -> BaseModel:
         family = check_folder(folder)
+        check_weight_headers(folder)
         try:
             config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -134,3 +138,12 @@ def open_run_base(folder: Path | None, seq_len: int) -> BaseModel:
             f"train.seq_len ({seq_len}) exceeds the {base.max_positions} positions of the base model {folder}"
         )
     return base
+
+
+def open_federation_base(fed: FederationConfig) -> tuple[BaseModel, LoraSpec | None]:
+    """The federation's base and the adapters every party builds on it, both checked: what the
+    coordinator refuses before its SuperLink starts, not in round 1."""
+    base = open_run_base(fed.base, fed.train.seq_len)
+    lora = fed.train.lora_spec(fed.model.init_seed, base.family)
+    base.check_lora(lora)
+    return base, lora

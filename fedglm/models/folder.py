@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from fedglm.errors import InputError
@@ -109,19 +109,51 @@ def check_folder(folder: Path) -> Family:
 
 
 def folder_hash(folder: Path) -> str:
-    """SHA-256 (hex) over the names and bytes of the files that decide the model's behaviour."""
+    """SHA-256 (hex) over the names and bytes of the files that decide the model's behaviour.
+
+    A process hashes a folder's files again only when one's size, time or inode changed: a
+    site re-checks its base every round, and a 9 B checkpoint is 18 GB to read."""
     check_folder(folder)
-    files = {name for name in HASHED if (folder / name).is_file()}
-    files |= {path.name for path in weight_files(folder)}
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0")
-        file_digest = hashlib.sha256()
-        with (folder / name).open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                file_digest.update(block)
-        digest.update(file_digest.digest())
-    return digest.hexdigest()
+    names = sorted(
+        {name for name in HASHED if (folder / name).is_file()} | {p.name for p in weight_files(folder)}
+    )
+    stats = tuple((name, *_identity(folder / name)) for name in names)
+    key = (str(folder.resolve()), stats)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        for name in names:
+            digest.update(name.encode() + b"\0")
+            file_digest = hashlib.sha256()
+            with (folder / name).open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    file_digest.update(block)
+            digest.update(file_digest.digest())
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple[str, tuple[tuple[object, ...], ...]], str] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns
+
+
+def check_weight_headers(folder: Path) -> int:
+    """Read every weight file's header (not its tensors): a damaged or foreign file is refused
+    at once, not at the first round. The number of tensors in the files."""
+    tensors = 0
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                tensors += len(list(handle.keys()))
+        except (OSError, SafetensorError) as exc:
+            raise InputError(
+                f"{path}: not a readable safetensors file ({type(exc).__name__}: {str(exc)[:80]}); "
+                "copy the model folder again"
+            ) from None
+    return tensors
 
 
 def load_model(folder: Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

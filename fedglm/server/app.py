@@ -27,7 +27,7 @@ from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec
 from fedglm.errors import InputError
 from fedglm.layout import DONE_NAME, MANIFEST_FILE, METRICS_NAME, RECEIPTS_DIR, SPEC_KEY
-from fedglm.models.base import open_run_base
+from fedglm.models.base import open_federation_base
 from fedglm.models.lora import is_trained_adapter, wire_state
 from fedglm.models.pruning import Mask
 from fedglm.pretrain import read_base_manifest
@@ -105,8 +105,7 @@ def start_or_resume(spec: RunSpec) -> Start:
     """The base model, with LoRA adapters when sites train only those; or, with `resume`, the
     folder's checkpoint (of the same base and adapters only)."""
     fed, out_dir = spec.federation, spec.out_dir
-    base = open_run_base(fed.base, fed.train.seq_len)
-    lora = fed.train.lora_spec(fed.model.init_seed, base.family)
+    base, lora = open_federation_base(fed)
     manifest = read_base_manifest(base.folder)
     if manifest is not None:  # the run folder keeps the base's provenance for the model card
         atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")

@@ -220,6 +220,38 @@ def test_a_server_config_without_a_usable_base(tmp_path: Path) -> None:
     assert_one_line(*run("server", "--config", str(config), "--insecure"), "no config.json")
 
 
+def test_adapters_the_base_lacks_are_refused_before_the_superlink_starts(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    port = free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"host: 127.0.0.1\nport: {port}\nfederation:\n  base: {tiny_base}\n"
+        "  train: {adapters: lora, lora_targets: [c_attn]}\n"
+    )
+    assert_one_line(*run("server", "--config", str(config), "--insecure"), "train.lora_targets", "c_attn")
+    with socket.socket() as probe:  # nothing was left listening
+        probe.bind(("127.0.0.1", port))
+    simulated = tmp_path / "s.yaml"
+    simulated.write_text(
+        f"federation:\n  base: {tiny_base}\n  train: {{adapters: lora, lora_targets: [c_attn]}}\n"
+    )
+    assert_one_line(
+        *run("simulate", "--config", str(simulated), "--out", str(tmp_path / "run")), "train.lora_targets"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_hospital_with_a_damaged_base_folder_stops_at_startup(tmp_path: Path, tiny_base: Path) -> None:
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for path in tiny_base.iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    (damaged / "model.safetensors").write_bytes(b"not safetensors")
+    config = hospital(tmp_path, damaged)
+    assert_one_line(*run("client", "--config", str(config), "--insecure"), str(damaged), "safetensors")
+
+
 def test_a_hospital_config_must_name_its_base_folder(tmp_path: Path, tiny_base: Path) -> None:
     path = hospital(tmp_path, tiny_base)
     path.write_text(path.read_text().replace(f"base: {tiny_base}\n", ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,15 @@ def test_hash_covers_weights_config_and_tokenizer(tmp_path: Path, tokenizer) -> 
     tokens = json.loads((folder / "tokenizer.json").read_text())
     tokens["added_tokens"][0]["content"] = "<|start|>"
     (folder / "tokenizer.json").write_text(json.dumps(tokens))
-    assert len({first, second, folder_hash(folder)}) == 3
+    third = folder_hash(folder)
+    assert len({first, second, third}) == 3
+    # a same-size edit with its modification time put back is still seen (hashes are cached per file state)
+    path = folder / "tokenizer.json"
+    before = path.stat()
+    path.write_text(path.read_text().replace("<|start|>", "<|begin|>"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    assert folder_hash(folder) != third
 
 
 def _refused(folder: Path, match: str) -> None:
