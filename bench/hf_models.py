@@ -3,8 +3,8 @@
     python bench/hf_models.py [--sizes 30m 120m] [--steps 3] [--rounds 2]
 
 Models: GLM-4 configurations of about 30 M parameters (hidden 512, 6 layers, 8 heads in 4 KV
-groups, vocabulary 16 k) and about 120 M (hidden 896, 8 layers, 14 heads in 2 KV groups,
-vocabulary 32 k), random weights (speed does not depend on them). One batch of 4 records x 128
+groups, vocabulary 16 k; 35 M in all) and `120m` (hidden 896, 8 layers, 14 heads in 2 KV
+groups, vocabulary 32 k: 119 M in the layers, 177 M with the untied embeddings), random weights (speed does not depend on them). One batch of 4 records x 128
 tokens, every record drawn (q = 1), AdamW.
 
 1. Seconds per local step, in one process, configurations alternated round by round (times on
