@@ -61,6 +61,13 @@ def print_round(row: dict[str, Any], total_rounds: int) -> None:
     console.print(round_line(row, total_rounds))
 
 
+def table_title(command: str, rows: list[dict[str, Any]], metrics: Path) -> str:
+    """'fedglm simulate: 3 rounds after round 0 (the base), metrics in ...'."""
+    trained = sum(1 for row in rows if int(row.get("round", 0)) > 0)
+    base = " after round 0 (the base)" if any(int(row.get("round", 0)) == 0 for row in rows) else ""
+    return f"{command}: {trained} rounds{base}, metrics in {metrics}"
+
+
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     for column in (

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fedglm.cli.common import reports_errors
-from fedglm.cli.progress import print_release, print_round, print_table, status
+from fedglm.cli.progress import print_release, print_round, print_table, status, table_title
 from fedglm.config import CoordinatorConfig, ListedSite, load_config
 from fedglm.errors import InputError
 from fedglm.layout import METRICS_NAME, RELEASE_DIR
@@ -60,7 +60,7 @@ def server(
         )
     finally:
         superlink.stop()
-    print_table(rows, title=f"fedglm server: {len(rows)} rounds, metrics in {cfg.out_dir / METRICS_NAME}")
+    print_table(rows, title=table_title("fedglm server", rows, cfg.out_dir / METRICS_NAME))
     if cfg.release is not None:
         status("distilling and exporting the final model (release section)")
         release(cfg.out_dir, cfg.release)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fedglm.cli.common import reports_errors
-from fedglm.cli.progress import print_privacy, print_release, print_round, print_table, status
+from fedglm.cli.progress import print_privacy, print_release, print_round, print_table, status, table_title
 from fedglm.config import SimulateConfig, load_config
 from fedglm.layout import METRICS_NAME, RELEASE_DIR
 from fedglm.release import release
@@ -28,7 +28,7 @@ def simulate(
     cfg = load_config(config, SimulateConfig) if config else SimulateConfig()
     rounds = cfg.federation.rounds
     rows, privacy = run_simulation(cfg, out, on_row=lambda row: print_round(row, rounds), on_status=status)
-    print_table(rows, title=f"fedglm simulate: {len(rows)} rounds, metrics in {out / METRICS_NAME}")
+    print_table(rows, title=table_title("fedglm simulate", rows, out / METRICS_NAME))
     if privacy:
         print_privacy(privacy)
     if cfg.release is not None:
