@@ -4,8 +4,9 @@
 
 Models: GLM-4 configurations of about 30 M parameters (hidden 512, 6 layers, 8 heads in 4 KV
 groups, vocabulary 16 k; 35 M in all) and `120m` (hidden 896, 8 layers, 14 heads in 2 KV
-groups, vocabulary 32 k: 119 M in the layers, 177 M with the untied embeddings), random weights (speed does not depend on them). One batch of 4 records x 128
-tokens, every record drawn (q = 1), AdamW.
+groups, vocabulary 32 k: 119 M in the layers, 177 M with the untied embeddings), random
+weights (speed does not depend on them). One batch of 4 records x 128 tokens, every record
+drawn (q = 1), AdamW.
 
 1. Seconds per local step, in one process, configurations alternated round by round (times on
    this shared machine drift: read the ratios to plain LoRA): plain LoRA (r = 8 on every
