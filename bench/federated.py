@@ -59,7 +59,7 @@ from fedglm.models.base import BaseModel  # noqa: E402
 from fedglm.models.folder import save_folder  # noqa: E402
 from fedglm.models.presets import PresetName, build_glm4, glm4_config  # noqa: E402
 from fedglm.models.tokenizer import train_tokenizer  # noqa: E402
-from fedglm.partition import partition_csv  # noqa: E402
+from fedglm.partition import partition_corpus  # noqa: E402
 from fedglm.server.coordinator import write_spec  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
 from fedglm.simulate import local_stack  # noqa: E402
@@ -125,8 +125,8 @@ def make_sites(
 ) -> list[SiteSpec]:
     """MTSamples split into 4 hospitals by specialty, each holding the `base` folder; without
     DP unless `privacy` says so."""
-    parts = partition_csv(
-        data, text_column="transcription", label_column="medical_specialty", sites=4, out_dir=out / "data"
+    parts = partition_corpus(
+        data, text_field="transcription", label_field="medical_specialty", sites=4, out_dir=out / "data"
     )
     return [
         SiteSpec(

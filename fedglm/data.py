@@ -107,7 +107,12 @@ def _read_csv(path: Path, column: str) -> list[str]:
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
-    records = []
+    return [values[0] for values in read_jsonl_fields(path, [field])]
+
+
+def read_jsonl_fields(path: Path, fields: Sequence[str], what: str = "data.field") -> list[list[str]]:
+    """The text values of `fields` on every line of a UTF-8 JSONL file (null reads as empty)."""
+    rows = []
     for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -115,15 +120,50 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or field not in obj:
-            raise InputError(f"{path}: line {number} has no field '{field}' (data.field)")
-        value = obj[field]
-        if value is not None and not isinstance(value, str):
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}: line {number} is not a JSON object")
+        row = []
+        for field in fields:
+            if field not in obj:
+                present = ", ".join(str(key) for key in list(obj)[:12]) or "none"
+                raise InputError(
+                    f"{path}: line {number} has no field '{field}' ({what}); its fields are: {present}"
+                )
+            value = obj[field]
+            if value is not None and not isinstance(value, str):
+                raise InputError(
+                    f"{path}: line {number}: field '{field}' is {type(value).__name__}, expected text"
+                )
+            row.append(value or "")
+        rows.append(row)
+    return rows
+
+
+def read_labelled(
+    path: Path, fmt: DataFormat | None, text_field: str, label_field: str
+) -> list[tuple[str, str]]:
+    """(text, label) pairs: a CSV's columns, a JSONL file's fields, or a folder of label
+    folders of .txt files (`path/<label>/*.txt`: the folder names the label)."""
+    if not path.exists():
+        raise InputError(f"{path} does not exist; give a CSV file, a JSONL file or a folder of label folders")
+    fmt = fmt or infer_format(path)
+    what = "--text-field/--by"
+    if fmt == "csv":
+        rows = read_csv_columns(path, [text_field, label_field], what=what)
+    elif fmt == "jsonl":
+        rows = read_jsonl_fields(path, [text_field, label_field], what=what)
+    else:
+        if not path.is_dir():
+            raise InputError(f"{path}: format txt needs a folder of label folders of .txt files")
+        folders = sorted(folder for folder in path.iterdir() if folder.is_dir())
+        rows = [
+            [_read_utf8(file), folder.name] for folder in folders for file in sorted(folder.glob("*.txt"))
+        ]
+        if not rows:
             raise InputError(
-                f"{path}: line {number}: field '{field}' is {type(value).__name__}, expected text"
+                f"{path}: no <label>/*.txt files; put each label's .txt files in a folder of its name"
             )
-        records.append(value or "")
-    return records
+    return [(text, label) for text, label in rows]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """`fedglm partition`: one labelled corpus into K non-IID hospital data sets.
 
+The corpus is read as sites read their data (`data.read_labelled`): a CSV file (a text column
+and a label column), a JSONL file (a text field and a label field), or a folder of label
+folders of `.txt` files (one record each; the folder's name is the label).
+
 Duplicate texts are removed first: public corpora such as MTSamples list the same note under
 several labels, which would put one note in two hospitals and in both a training and a
 validation split. Each distinct text keeps one label, its rarest (the most specific, e.g. an
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedglm.atomic import atomic_write_text
-from fedglm.data import read_csv_columns
+from fedglm.data import DataFormat, infer_format, read_labelled
 from fedglm.errors import InputError
 
 
@@ -48,18 +52,19 @@ def assign_labels(sizes: dict[str, int], sites: int) -> list[list[str]]:
     return groups
 
 
-def partition_csv(
+def partition_corpus(
     path: Path,
     *,
-    text_column: str,
-    label_column: str,
+    text_field: str,
+    label_field: str,
+    fmt: DataFormat | None = None,
     sites: int,
     out_dir: Path,
     min_label_records: int = 1,
 ) -> list[SitePart]:
     if sites < 1:
         raise InputError(f"--sites {sites}: must be at least 1")
-    raw = read_csv_columns(path, [text_column, label_column], what="--text-column/--by")
+    raw = read_labelled(path, fmt, text_field, label_field)
     rows = [(text.strip(), label.strip()) for text, label in raw if text.strip() and label.strip()]
     text_label = deduplicate(rows)
     by_label: dict[str, list[str]] = defaultdict(list)
@@ -68,7 +73,7 @@ def partition_csv(
     by_label = {lab: texts for lab, texts in by_label.items() if len(texts) >= min_label_records}
     if len(by_label) < sites:
         raise InputError(
-            f"{path}: only {len(by_label)} label(s) in '{label_column}' with at least "
+            f"{path}: only {len(by_label)} label(s) in '{label_field}' with at least "
             f"{min_label_records} record(s); cannot make {sites} sites"
         )
     groups = assign_labels({lab: len(t) for lab, t in by_label.items()}, sites)
@@ -85,8 +90,9 @@ def partition_csv(
         parts.append(SitePart(path=site_path, labels=tuple(sorted(labels)), records=len(lines)))
     summary = {
         "source": str(path),
-        "text_column": text_column,
-        "label_column": label_column,
+        "format": fmt or infer_format(path),
+        "text_field": text_field,
+        "label_field": label_field,
         "rows": len(raw),
         "distinct_texts": len(text_label),
         "sites": [{"file": p.path.name, "records": p.records, "labels": list(p.labels)} for p in parts],

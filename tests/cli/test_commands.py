@@ -182,7 +182,33 @@ def test_partition_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     assert_refused(invoke("partition", str(source), *common, "--sites", "0"), "--sites 0: must be at least 1")
     missing = tmp_path / "missing.csv"
     assert_refused(invoke("partition", str(missing), *common, "--sites", "2"), f"{missing} does not exist")
+    no_label = ["--out", str(out), "--text-field", "text", "--sites", "2"]
+    assert_refused(invoke("partition", str(source), *no_label), "--by is required")
+    assert_refused(
+        invoke("partition", str(source), *no_label, "--by", "x", "--format", "xml"), "--format xml"
+    )
     assert not out.exists()
+
+
+def test_partition_reads_a_jsonl_corpus_by_its_fields(tmp_path: Path) -> None:
+    source, out = tmp_path / "qa.jsonl", tmp_path / "sites"
+    rows = [
+        {"source": source_name, "answer": f"{source_name} answer {i}"}
+        for source_name in ("GARD", "GHR")
+        for i in range(3)
+    ]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = ["--by", "source", "--sites", "2", "--out", str(out)]
+    assert_refused(
+        invoke("partition", str(source), *common),
+        "no field 'transcription'",
+        "its fields are: source, answer",
+    )
+    result = invoke("partition", str(source), *common, "--text-field", "answer")
+    assert result.exit_code == 0, result.output
+    assert (
+        "site-1.jsonl: 3 records (GARD)" in result.stdout and "site-2.jsonl: 3 records (GHR)" in result.stdout
+    )
 
 
 # --- audit --------------------------------------------------------------------------------------
