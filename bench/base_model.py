@@ -61,9 +61,9 @@ from fedglm.layout import BASE_MODEL_DIR  # noqa: E402
 from fedglm.models.base import BaseModel  # noqa: E402
 from fedglm.models.tokenizer import encode_records  # noqa: E402
 from fedglm.pretrain import pretrain  # noqa: E402
-from fedglm.release import held_out  # noqa: E402
 from fedglm.server.submit import ControlClient  # noqa: E402
 from fedglm.simulate import ensure_signing_keys, local_stack  # noqa: E402
+from fedglm.training import held_out  # noqa: E402
 
 PRIVACY = {
     "no DP": PrivacyConfig(enabled=False),

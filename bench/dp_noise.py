@@ -49,9 +49,9 @@ from fedglm.models.lora import load_wire_state, wire_state  # noqa: E402
 from fedglm.models.tokenizer import encode_records  # noqa: E402
 from fedglm.privacy.accounting import calibrate_sigma  # noqa: E402
 from fedglm.privacy.dpsgd import dp_precision, train_private  # noqa: E402
-from fedglm.release import held_out  # noqa: E402
 from fedglm.server.broadcast import Broadcast  # noqa: E402
 from fedglm.training import (  # noqa: E402
+    held_out,
     make_optimizer,
     private_steps_for,
     resolve_precision,

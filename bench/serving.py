@@ -55,7 +55,6 @@ from fedglm.config import (  # noqa: E402
     PretrainConfig,
     PretrainModelConfig,
     PublicTextConfig,
-    ReleaseConfig,
     SimulateConfig,
     SiteSpec,
 )
@@ -68,8 +67,10 @@ from fedglm.models.causal import forward_logits  # noqa: E402
 from fedglm.models.families import describe  # noqa: E402
 from fedglm.models.tokenizer import encode_records  # noqa: E402
 from fedglm.pretrain import pretrain  # noqa: E402
-from fedglm.release import final_model, held_out, public_text, run_base  # noqa: E402
+from fedglm.public_text import public_text  # noqa: E402
+from fedglm.release import final_model, run_base  # noqa: E402
 from fedglm.simulate import run_simulation  # noqa: E402
+from fedglm.training import held_out  # noqa: E402
 
 FEDERATION = {
     "rounds": 4,
@@ -201,9 +202,7 @@ def main() -> None:
     teacher = final_model(run)
     tokenizer = run_base(run).tokenizer()
     val, val_bytes = held_out_records(sites, tokenizer, args.val_records)
-    text = encode_records(
-        tokenizer, public_text(ReleaseConfig(public_text=PublicTextConfig(data=proxy))).train
-    )
+    text = encode_records(tokenizer, public_text(PublicTextConfig(data=proxy)).train)
     print(f"2. distillation on {len(text)} public records of {args.proxy.name}, {args.distill_steps} steps")
     layers = int(teacher.config.num_hidden_layers)
     pruned = distilled(teacher, text, layers=layers, heads=0.25, channels=0.25, steps=args.distill_steps)

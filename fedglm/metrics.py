@@ -2,7 +2,9 @@
 
 Keys (never removed or renamed): round, train_loss, val_loss, upload_bytes, download_bytes,
 dense_upload_bytes, clients, epsilon_max, seconds; since compression also val_bpb,
-dense_download_bytes, rejected_updates and rejections (reason code -> count). Bytes are the
+dense_download_bytes, rejected_updates and rejections (reason code -> count); with
+`federation.public_eval`, public_val_loss and public_val_bpb (the coordinator's own score of the
+round's model on public held-out text, `server/public_eval.py`). Bytes are the
 serialized content of the messages as Flower sends them (every object of the message's record
 tree), without gRPC/TLS framing: `upload_bytes` over all clients' replies, `download_bytes`
 over all messages sent, `dense_*` what the same messages would weigh with the model as dense

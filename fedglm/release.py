@@ -23,8 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fedglm.config import ReleaseConfig
-from fedglm.corpus import generate_public_records
-from fedglm.data import SiteData, load_records, split_records, text_bytes
+from fedglm.data import text_bytes
 from fedglm.distill import distill, make_student
 from fedglm.errors import CheckFailed, InputError
 from fedglm.export.causal_onnx import export_logits, export_with_cache
@@ -37,9 +36,10 @@ from fedglm.models.folder import load_model, load_tokenizer, save_folder
 from fedglm.models.lora import merge_adapters
 from fedglm.models.pruning import Mask
 from fedglm.models.tokenizer import encode_records
+from fedglm.public_text import public_text
 from fedglm.reports import DistillReport, ExportedFile, ExportReport, Parity, ScoredModel, write_report
 from fedglm.server.checkpoint import load_checkpoint
-from fedglm.training import EvalStats, evaluate
+from fedglm.training import EvalStats, held_out
 
 
 def run_base(run_dir: Path) -> BaseModel:
@@ -64,31 +64,6 @@ def final_model(run_dir: Path) -> PreTrainedModel:
     return base.empty(lora=None, mask=mask, state=state).eval()
 
 
-def public_text(cfg: ReleaseConfig) -> SiteData:
-    """The configured public text (or generated notes), split into training and held-out."""
-    source = cfg.public_text
-    if source.data is None:
-        records = generate_public_records(source.generated_records, source.seed)
-        return split_records(records, 0.1, source.seed)
-    records = [r for r in load_records(source.data.path, source.data.format, source.data.field) if r.strip()]
-    if len(records) < 2:
-        raise InputError(f"{source.data.path}: fewer than 2 non-empty records of public text")
-    return split_records(records, source.data.val_fraction, source.data.split_seed)
-
-
-def held_out(model: torch.nn.Module, records: list[list[int]], seq_len: int, n_bytes: int) -> EvalStats:
-    """Loss and bits per byte of `model` (torch or `OnnxLM`) on `records`, fp32 on the CPU."""
-    return evaluate(
-        model,
-        records,
-        seq_len=seq_len,
-        batch_size=16,
-        precision="fp32",
-        device=torch.device("cpu"),
-        n_bytes=n_bytes,
-    )
-
-
 def _scores(stats: EvalStats) -> dict[str, Any]:
     return {"loss": stats.loss, "bits_per_byte": stats.bits_per_byte, "tokens": stats.tokens}
 
@@ -105,7 +80,7 @@ def run_distill(run_dir: Path, cfg: ReleaseConfig) -> DistillReport:
     layers = d.layers or max(1, n_layers // 2)
     if layers > n_layers:
         raise InputError(f"distill.layers = {layers}: the teacher has only {n_layers} layers")
-    text = public_text(cfg)
+    text = public_text(cfg.public_text)
     held, held_bytes = encode_records(tokenizer, text.val), text_bytes(text.val)
     student = make_student(teacher, layers=layers, heads=d.heads, channels=d.channels)
     seq_len = min(d.seq_len, int(teacher.config.max_position_embeddings))
@@ -166,7 +141,7 @@ def run_export(run_dir: Path, cfg: ReleaseConfig, formats: list[str]) -> ExportR
         load_tensorrt()  # fail before the long steps where TensorRT cannot run
     folder = run_dir / RELEASE_DIR
     which, model = served_model(run_dir)
-    text = public_text(cfg)
+    text = public_text(cfg.public_text)
     records = encode_records(load_tokenizer(folder / SERVED_DIR), text.val)
     n_bytes = text_bytes(text.val)
     seq_len = min(cfg.export.seq_len, int(model.config.max_position_embeddings))

@@ -32,6 +32,7 @@ from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.coordinator import RowCallback, admit_sites, execute_run, write_spec
+from fedglm.server.public_eval import PublicEval
 from fedglm.server.superlink import TLSFiles, start_superlink
 
 PREVIOUS = "previous"
@@ -227,7 +228,9 @@ def simulation_federation(
             f"{manifest['final']['val_loss']:.4f} on public text"
         )
         fed = fed.model_copy(update={"base": folder / BASE_MODEL_DIR})
-        open_federation_base(fed)  # adapters the pretrained family lacks fail before any site starts
+    base, _ = open_federation_base(fed)  # adapters the base's family lacks fail before any site starts
+    if fed.public_eval is not None:  # so does public evaluation text that cannot be read
+        PublicEval.open(fed.public_eval, base, fed.train.seq_len)
     return fed
 
 

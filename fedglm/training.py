@@ -194,3 +194,17 @@ def private_steps_for(local_steps: int | None, local_epochs: float | None, q: fl
         return local_steps
     assert local_epochs is not None
     return max(1, math.ceil(local_epochs / q))
+
+
+def held_out(model: nn.Module, records: Sequence[list[int]], seq_len: int, n_bytes: int) -> EvalStats:
+    """Loss and bits per byte of `model` (torch or `OnnxLM`) on `records`, fp32 on the CPU: how
+    the coordinator scores models on public text (release, `server/public_eval.py`)."""
+    return evaluate(
+        model,
+        records,
+        seq_len=seq_len,
+        batch_size=16,
+        precision="fp32",
+        device=torch.device("cpu"),
+        n_bytes=n_bytes,
+    )

@@ -53,7 +53,8 @@ from fedglm.models.lora import is_adapter, is_trained_adapter, wire_state
 from fedglm.models.pruning import Mask, choose_mask, slice_state
 from fedglm.models.tokenizer import encode_records
 from fedglm.pretrain import pretrain, read_base_manifest
-from fedglm.release import final_model, public_text, release, run_export
+from fedglm.public_text import public_text
+from fedglm.release import final_model, release, run_export
 from fedglm.server.checkpoint import Checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
 from tests.privacy.helpers import ledger_of
 
@@ -143,7 +144,7 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tokens(run: Path) -> torch.Tensor:
     """Two windows of held-out public text in the base's tokens."""
     tokenizer = BaseModel.open(folder_of_base(run)).tokenizer()
-    records = encode_records(tokenizer, public_text(QUICK).val[:2])
+    records = encode_records(tokenizer, public_text(QUICK.public_text).val[:2])
     length = min(len(r) for r in records)
     return torch.tensor([r[:length] for r in records])
 

@@ -32,9 +32,10 @@ def round_line(row: dict[str, Any], total_rounds: int) -> str:
     rejected = f"  rejected {row['rejected_updates']}" if row.get("rejected_updates") else ""
     declined = f"  declined {row['declined']}" if row.get("declined") else ""
     epsilon = f"  epsilon_max {_num(row['epsilon_max'], 3)}" if row.get("epsilon_max") is not None else ""
+    public = f"public_val_loss {_num(row['public_val_loss'])}  " if "public_val_loss" in row else ""
     return (
         f"round {row['round']}/{total_rounds}  train_loss {_num(row.get('train_loss'))}  "
-        f"val_loss {_num(row.get('val_loss'))}  val_bpb {_num(row.get('val_bpb'), 3)}  "
+        f"val_loss {_num(row.get('val_loss'))}  val_bpb {_num(row.get('val_bpb'), 3)}  {public}"
         f"up {_mb(row.get('upload_bytes'))}  down {_mb(row.get('download_bytes'))}  "
         f"clients {row.get('clients')}{rejected}{declined}{epsilon}  {_num(row.get('seconds'), 1)} s"
     )
@@ -69,12 +70,14 @@ def table_title(command: str, rows: list[dict[str, Any]], metrics: Path) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    public = any("public_val_loss" in row for row in rows)  # the coordinator's own evaluation
     table = Table(title=title)
     for column in (
         "round",
         "train loss",
         "val loss",
         "val bpb",
+        *(["public val loss"] if public else []),
         "up",
         "down",
         "clients",
@@ -88,6 +91,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
             _num(row.get("train_loss")),
             _num(row.get("val_loss")),
             _num(row.get("val_bpb"), 3),
+            *([_num(row.get("public_val_loss"))] if public else []),
             _mb(row.get("upload_bytes")),
             _mb(row.get("download_bytes")),
             str(row.get("clients")),

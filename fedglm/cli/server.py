@@ -13,8 +13,10 @@ from fedglm.config import CoordinatorConfig, ListedSite, load_config
 from fedglm.errors import InputError
 from fedglm.layout import METRICS_NAME, RELEASE_DIR
 from fedglm.models.base import open_federation_base
-from fedglm.release import public_text, release
+from fedglm.public_text import public_text
+from fedglm.release import release
 from fedglm.server.coordinator import admit_sites, execute_run, read_listed_keys, write_spec
+from fedglm.server.public_eval import PublicEval
 from fedglm.server.superlink import TLSFiles, check_insecure_allowed, start_superlink
 
 
@@ -35,8 +37,13 @@ def server(
         f"base model {base.folder}: {base.family.architecture}, {base.parameters:,} parameters, "
         f"hash {base.hash[:16]}..."
     )
+    if fed.public_eval is not None:  # a missing or unreadable public text fails now, not in round 0
+        status(
+            f"public evaluation: {len(PublicEval.open(fed.public_eval, base, fed.train.seq_len).records)} "
+            "held-out public records scored by the coordinator each round"
+        )
     if cfg.release is not None:
-        public_text(cfg.release)  # a missing or unreadable public text fails now, not after the run
+        public_text(cfg.release.public_text)  # so does the release's
     superlink = start_superlink(
         host=cfg.host, port=cfg.port, tls=tls, home=cfg.out_dir / "flower" / "superlink", node_auth=bool(keys)
     )

@@ -11,7 +11,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from fedglm.compression.codecs import CODECS
 from fedglm.config.base import ConfigPath, PortNumber, Precision, Section, SiteName
-from fedglm.config.release import ReleaseConfig
+from fedglm.config.release import PublicTextConfig, ReleaseConfig
 from fedglm.models.families import Family
 from fedglm.models.lora import LoraSpec
 
@@ -147,6 +147,16 @@ class PruningConfig(Section):
         return next((s for s in self.schedule if s.round == server_round), None)
 
 
+class PublicEvalConfig(Section):
+    """The coordinator's own evaluation of the global model, each round and of the base (round
+    0): the held-out part of public text it names (never a site's records), at no privacy
+    cost. `text` as the release's public text (a CSV, JSONL or .txt folder, or generated notes);
+    at most `max_records` held-out records are scored."""
+
+    text: PublicTextConfig = PublicTextConfig()
+    max_records: int = Field(default=200, ge=1, le=100_000)
+
+
 class FederationConfig(Section):
     """What the coordinator runs: rounds, sampling, aggregation, model and local training."""
 
@@ -173,6 +183,8 @@ class FederationConfig(Section):
     # The base model: a Hugging Face folder (made by `fedglm pretrain`, or a downloaded GLM-4,
     # GLM, Llama or Qwen2 checkpoint). Every site holds the same folder; its hash is announced.
     base: ConfigPath | None = None
+    # The coordinator's evaluation on public text it owns (`public_val_loss` in metrics.jsonl).
+    public_eval: PublicEvalConfig | None = None
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> FederationConfig:

@@ -5,9 +5,15 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from fedglm.config.base import Section
-from fedglm.config.federation import FederationConfig, PruneStep, PruningConfig, TrainConfig
+from fedglm.config.federation import (
+    FederationConfig,
+    PruneStep,
+    PruningConfig,
+    PublicEvalConfig,
+    TrainConfig,
+)
 from fedglm.config.pretrain import PretrainConfig
-from fedglm.config.release import ReleaseConfig
+from fedglm.config.release import PublicTextConfig, ReleaseConfig
 from fedglm.config.site import PrivacyConfig, SiteSpec
 
 
@@ -24,10 +30,13 @@ class SimulateConfig(Section):
 
     # The default fine-tunes the pretrained base with LoRA adapters and prunes a quarter of the
     # MLP channels at round 2; round 3 recovers.
+    # The coordinator also scores each round's model on 50 held-out generated public notes
+    # (seed 1: a stream the base was not pretrained on): `public_val_loss`, no privacy spent.
     federation: FederationConfig = FederationConfig(
         min_clients=3,
         train=TrainConfig(adapters="lora", lr=1e-2),
         pruning=PruningConfig(schedule=[PruneStep(round=2, channels=0.25)]),
+        public_eval=PublicEvalConfig(text=PublicTextConfig(generated_records=500, seed=1)),
     )
     sites: list[SiteSpec] | None = None
     generated: GeneratedCorpusConfig = GeneratedCorpusConfig()

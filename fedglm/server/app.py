@@ -27,7 +27,7 @@ from fedglm.atomic import atomic_write_text
 from fedglm.config import RunSpec
 from fedglm.errors import InputError
 from fedglm.layout import DONE_NAME, MANIFEST_FILE, METRICS_NAME, RECEIPTS_DIR, SPEC_KEY
-from fedglm.models.base import open_federation_base
+from fedglm.models.base import BaseModel, open_federation_base
 from fedglm.models.lora import is_trained_adapter, wire_state
 from fedglm.models.pruning import Mask
 from fedglm.pretrain import read_base_manifest
@@ -38,6 +38,7 @@ from fedglm.server.checkpoint import load_checkpoint, model_fingerprint, save_ch
 from fedglm.server.countersign import Countersigner
 from fedglm.server.global_model import GlobalModel
 from fedglm.server.ledger_check import LedgerCheck
+from fedglm.server.public_eval import PublicEval
 from fedglm.server.rounds import run_rounds
 from fedglm.server.strategy import FedglmAvg
 
@@ -66,9 +67,13 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         return
     strategy = make_strategy(spec, start)
     strategy.summary()
+    public = PublicEval.open(fed.public_eval, start.base, fed.train.seq_len) if fed.public_eval else None
 
     def persist(server_round: int, row: dict[str, Any]) -> None:
         """The checkpoint first, then the metrics line: a line always has its checkpoint."""
+        if public is not None:  # the coordinator's own score on public text: no privacy spent
+            stats = public.score(start.model.current())
+            row |= {"public_val_loss": stats.loss, "public_val_bpb": stats.bits_per_byte}
         checkpoint = start.model.checkpoint(
             server_round, run_key=start.run_key, fingerprint=start.fingerprint
         )
@@ -91,13 +96,13 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
 @dataclass(frozen=True)
 class Start:
     """Where a run starts: the global model, the run key, the first round to run, the model's
-    identity (`fingerprint`, the base's hash) and its dense size (for the traffic figures)."""
+    identity (`fingerprint`), its base folder and its dense size (for the traffic figures)."""
 
     model: GlobalModel
     run_key: str
     first_round: int
     fingerprint: str
-    base_hash: str | None
+    base: BaseModel
     dense_bytes: int
 
 
@@ -145,7 +150,7 @@ def start_or_resume(spec: RunSpec) -> Start:
         # Round 0 is persisted too: a restart during round 1 resumes this run (same run key),
         # so a site that spent its budget on round 1 is not asked to spend it again.
         save_checkpoint(out_dir, global_model.checkpoint(0, run_key=run_key, fingerprint=fingerprint))
-    return Start(global_model, run_key, first_round, fingerprint, base.hash, dense_bytes)
+    return Start(global_model, run_key, first_round, fingerprint, base, dense_bytes)
 
 
 def make_strategy(spec: RunSpec, start: Start) -> FedglmAvg:
@@ -160,7 +165,7 @@ def make_strategy(spec: RunSpec, start: Start) -> FedglmAvg:
         seed=fed.seed,
         rounds=fed.rounds,
         run_key=start.run_key,
-        base_hash=start.base_hash,  # sites check what they receive against it
+        base_hash=start.base.hash,  # sites check what they receive against it
     )
     return FedglmAvg(
         model=start.model,

@@ -7,6 +7,7 @@ strategy asks it for payloads and hands it each round's result in one call:
 - `finish_train(update, server_round, trained, downlink)`: the nodes whose updates were used
   held B when they trained; then B moves by the update (and a DELTA is made for them);
 - `finish_evaluate(nodes)`: the nodes that evaluated hold the new B;
+- `current()`: the model the sites hold, merged, for the coordinator's own scoring;
 - `checkpoint(...)`: what a restart resumes from.
 The order that used to be the callers' to keep (holders of B recorded before B moves) is kept
 here.
@@ -19,6 +20,7 @@ from logging import INFO
 
 import numpy as np
 from flwr.common import log
+from torch import nn
 
 from fedglm.compression import CODECS
 from fedglm.config import LinkConfig, PruningConfig
@@ -120,6 +122,14 @@ class GlobalModel:
         """The nodes evaluated the current model: they hold it."""
         for node in nodes:
             self.broadcast.holds(node)
+
+    def current(self) -> nn.Module:
+        """The model as the sites hold it now, adapters merged, in eval mode (for scoring)."""
+        if self.base is None:
+            raise ValueError("the model needs its base to be built")
+        state = self.broadcast.state
+        merged = state if self.lora_scale is None else merge_adapters(state, self.lora_scale)
+        return self.base.empty(lora=None, mask=self.mask, state=merged).eval()
 
     def checkpoint(self, server_round: int, *, run_key: str, fingerprint: str) -> Checkpoint:
         return Checkpoint(

@@ -21,15 +21,19 @@ from fedglm import metrics
 from fedglm.compression import Kind, model_hash
 from fedglm.compression.wire import unpack
 from fedglm.config import FederationConfig, RunSpec
+from fedglm.data import text_bytes
 from fedglm.errors import InputError
 from fedglm.layout import BASE_MANIFEST, MANIFEST_FILE, METRICS_NAME, SPEC_KEY
 from fedglm.models.base import BaseModel
 from fedglm.models.lora import is_adapter, wire_state
+from fedglm.models.tokenizer import encode_records
 from fedglm.payload import expected_shapes, read_payload
 from fedglm.pretrain import MANIFEST_FORMAT
 from fedglm.privacy.keys import make_keys
+from fedglm.public_text import public_text
 from fedglm.server.app import read_spec, run_federation
 from fedglm.server.checkpoint import Checkpoint, load_checkpoint, model_fingerprint, save_checkpoint
+from fedglm.training import held_out
 
 
 class GridGone(Exception):
@@ -100,6 +104,7 @@ def _spec(
     rounds: int = 2,
     min_clients: int = 2,
     train: dict[str, Any] | None = None,
+    public_eval: dict[str, Any] | None = None,
 ) -> RunSpec:
     if not (out / "receipt.key").exists():
         make_keys(out, "receipt")
@@ -109,6 +114,7 @@ def _spec(
             "min_clients": min_clients,
             "train": {"local_steps": 1, "batch_size": 2, "seq_len": 16, **(train or {})},
             "base": base,
+            "public_eval": public_eval,
         }
     )
     return RunSpec(federation=federation, out_dir=out, resume=resume, receipt_key=out / "receipt.key")
@@ -382,3 +388,41 @@ def test_resuming_with_another_base_or_adapters_is_refused(
         _run(UntouchedGrid(), spec)
     assert len(metrics.read_rows(tmp_path)) == 1  # nothing touched
     assert json.loads((tmp_path / METRICS_NAME).read_text())["round"] == 1
+
+
+@pytest.mark.usefixtures("serverapp_task")
+def test_the_coordinator_scores_the_base_on_its_own_public_text_as_round_0(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """`public_val_loss`: the model the sites hold, scored on the held-out part of public text
+    the coordinator names; the base's score is round 0's."""
+    corpus = tmp_path / "public.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"answer": f"public answer number {i} about fevers"}) + "\n" for i in range(100))
+    )
+    public_eval = {"text": {"data": {"path": corpus, "field": "answer"}}, "max_records": 3}
+    spec = _spec(
+        tmp_path / "run", tiny_base, resume=False, train={"adapters": "lora"}, public_eval=public_eval
+    )
+    with pytest.raises(GridGone, match="pushed"):  # round 1's training messages
+        _run(FakeGrid([1, 2], evaluate=True), spec)
+    [row] = metrics.read_rows(tmp_path / "run")
+
+    base = BaseModel.open(tiny_base)
+    fed = spec.federation
+    assert fed.public_eval is not None
+    texts = public_text(fed.public_eval.text).val[:3]
+    assert len(texts) == 3
+    expected = held_out(
+        base.build(lora=None).eval(), encode_records(base.tokenizer(), texts), 16, text_bytes(texts)
+    )
+    assert row["public_val_loss"] == pytest.approx(expected.loss, rel=1e-5)
+    assert row["public_val_bpb"] == pytest.approx(expected.bits_per_byte, rel=1e-5)
+    assert (row["val_loss"], row["val_bpb"]) == (2.0, 1.5)  # the sites' figures stay theirs
+
+
+@pytest.mark.usefixtures("serverapp_task")
+def test_a_run_without_public_evaluation_writes_no_public_figures(tmp_path: Path, tiny_base: Path) -> None:
+    with pytest.raises(GridGone, match="pushed"):
+        _run(FakeGrid([1, 2], evaluate=True), _spec(tmp_path, tiny_base, resume=False))
+    assert "public_val_loss" not in metrics.read_rows(tmp_path)[0]
