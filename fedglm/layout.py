@@ -27,6 +27,7 @@ SPEC_NAME = "run-spec.json"
 SPEC_KEY = "fedglm-spec"  # the run config value that hands the spec's path to the ServerApp
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_CHECKPOINT = "best.pt"  # the best round's checkpoint, with federation.selection
 DONE_NAME = "DONE"
 SERVERAPP_LOG = "serverapp.log"
 RECEIPT_KEY_NAME = "receipt"  # receipt.key, receipt.pub

@@ -26,7 +26,7 @@ from typing import Any
 
 from fedglm import metrics
 from fedglm.atomic import atomic_write_text
-from fedglm.config import RunSpec, TrainConfig
+from fedglm.config import RunSpec, SelectionConfig, TrainConfig
 from fedglm.errors import InputError
 from fedglm.layout import (
     CARD_JSON,
@@ -43,7 +43,7 @@ from fedglm.privacy.audit import dp_accounting_epsilon
 from fedglm.privacy.ledger import parse_ledger
 from fedglm.privacy.site import history
 from fedglm.reports import DistillReport, ExportReport, read_report
-from fedglm.server.checkpoint import load_checkpoint
+from fedglm.server.selection import best_round, released_checkpoint
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -114,7 +114,7 @@ def build_card(run_dir: Path) -> dict[str, Any]:
     if fed.base is None:
         raise InputError(f"{run_dir}: its run spec names no base model folder")
     base = BaseModel.open(fed.base)
-    checkpoint = load_checkpoint(run_dir)
+    checkpoint = released_checkpoint(run_dir)
     mask = (
         Mask.from_json(checkpoint.mask, base.shape)
         if checkpoint and checkpoint.mask
@@ -127,8 +127,10 @@ def build_card(run_dir: Path) -> dict[str, Any]:
     return {
         "model": f"{base.family.architecture} (Hugging Face transformers), fine-tuned by fedglm",
         "federation": {
-            "rounds_finished": checkpoint.round if checkpoint else 0,
+            "rounds_finished": int(rows[-1]["round"]) if rows else 0,
             "rounds_planned": fed.rounds,
+            "released_round": checkpoint.round if checkpoint else 0,
+            "selected_by": _selected_by(fed.selection, rows),
             "uplink": fed.compression.uplink.model_dump(),
             "downlink": fed.compression.downlink.model_dump(),
             "pruning_schedule": [s.model_dump() for s in fed.pruning.schedule],
@@ -166,6 +168,39 @@ def build_card(run_dir: Path) -> dict[str, Any]:
             "post_processing": "pruning, distillation and export read only the aggregated model and "
             "public text; they spend no privacy",
         },
+    }
+
+
+def _render_released(fed: dict[str, Any]) -> str:
+    chosen = fed.get("selected_by")
+    if not chosen:
+        return f"Released: the model of the last round ({fed['released_round']})."
+    if chosen["best_round"] is None:
+        return f"Released: the last round's model; no round reported {chosen['metric']} to select by."
+    stopped = (
+        f" The run stopped early, after round {fed['rounds_finished']}: {chosen['patience']} rounds "
+        "without a better one."
+        if fed["rounds_finished"] < fed["rounds_planned"]
+        else ""
+    )
+    return (
+        f"Released: the model of round {fed['released_round']} (round 0 is the base), the lowest "
+        f"{chosen['metric']} ({_fmt(chosen['best_value'])}; a later round had to beat it by more than "
+        f"{chosen['min_delta']:g}), not blindly the last.{stopped}"
+    )
+
+
+def _selected_by(selection: SelectionConfig | None, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How the released round was chosen (None: the last round's model is released)."""
+    if selection is None:
+        return None
+    best = best_round(rows, selection)
+    return {
+        "metric": selection.metric,
+        "min_delta": selection.min_delta,
+        "patience": selection.patience,
+        "best_round": best.round if best else None,
+        "best_value": best.value if best else None,
     }
 
 
@@ -230,6 +265,8 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         f"Federation: {fed['rounds_finished']} of {fed['rounds_planned']} rounds; pruning schedule "
         f"{fed['pruning_schedule'] or 'none'}; fine-tuning: {card['fine_tuning']['method']}.",
+        "",
+        _render_released(fed),
         "",
         *_render_base(card["base_model"]),
         "## Validation",

@@ -38,7 +38,7 @@ from fedglm.models.pruning import Mask
 from fedglm.models.tokenizer import encode_records
 from fedglm.public_text import public_text
 from fedglm.reports import DistillReport, ExportedFile, ExportReport, Parity, ScoredModel, write_report
-from fedglm.server.checkpoint import load_checkpoint
+from fedglm.server.selection import released_checkpoint
 from fedglm.training import EvalStats, held_out
 
 
@@ -53,7 +53,7 @@ def run_base(run_dir: Path) -> BaseModel:
 def final_model(run_dir: Path) -> PreTrainedModel:
     """The run's last global model, sliced as pruning left it (LoRA adapters merged in)."""
     spec = read_run_spec(run_dir)
-    checkpoint = load_checkpoint(run_dir)
+    checkpoint = released_checkpoint(run_dir)
     if checkpoint is None:
         raise InputError(f"{run_dir} has no checkpoint: no round has finished yet")
     base = run_base(run_dir)

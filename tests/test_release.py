@@ -27,14 +27,17 @@ from fedglm.config import (
     PublicTextConfig,
     ReleaseConfig,
     RunSpec,
+    SelectionConfig,
 )
 from fedglm.errors import CheckFailed, InputError
 from fedglm.export.causal_onnx import cache_parity
 from fedglm.export.tensorrt import load_tensorrt
 from fedglm.layout import (
     BASE_MODEL_DIR,
+    BEST_CHECKPOINT,
     CARD_JSON,
     CARD_MD,
+    CHECKPOINT_NAME,
     DISTILL_REPORT,
     EXPORT_REPORT,
     LEDGER_COPIES,
@@ -45,7 +48,7 @@ from fedglm.layout import (
     SPEC_NAME,
     TEACHER_DIR,
 )
-from fedglm.modelcard import write_card
+from fedglm.modelcard import build_card, render_markdown, write_card
 from fedglm.models.base import BaseModel
 from fedglm.models.causal import forward_logits
 from fedglm.models.folder import TOKENIZER, WEIGHTS
@@ -170,6 +173,36 @@ def test_final_model_is_the_sliced_checkpoint(tmp_path: Path, tiny_base: Path) -
     state = wire_state(model)
     assert state.keys() == checkpoint.state.keys()
     assert all(torch.equal(state[name], checkpoint.state[name]) for name in state)
+
+
+def test_with_selection_the_release_takes_the_best_round_and_the_card_says_so(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    run = tmp_path / "run"
+    make_run(run, tiny_base)
+    spec = RunSpec.model_validate_json((run / SPEC_NAME).read_text())
+    selection = {"metric": "val_loss", "min_delta": 0.01, "patience": 1}
+    fed = spec.federation.model_copy(update={"selection": SelectionConfig.model_validate(selection)})
+    (run / SPEC_NAME).write_text(spec.model_copy(update={"federation": fed}).model_dump_json())
+    rows = [{"round": 1, "val_loss": 2.0}, {"round": 2, "val_loss": 1.5}, {"round": 3, "val_loss": 1.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    last = load_checkpoint(run)
+    assert last is not None
+    best_state = {name: value + 0.5 for name, value in last.state.items()}
+    best = Checkpoint(
+        round=2, state=best_state, residual={}, run_key="r", fingerprint=last.fingerprint, mask=last.mask
+    )
+    save_checkpoint(run, best)
+    (run / BEST_CHECKPOINT).write_bytes((run / CHECKPOINT_NAME).read_bytes())
+    save_checkpoint(run, last)  # checkpoint.pt is round 3 again; best.pt holds round 2
+
+    state = wire_state(final_model(run))
+    assert all(torch.equal(state[name], best_state[name]) for name in state)
+    card = build_card(run)
+    assert card["federation"]["released_round"] == 2 and card["federation"]["rounds_finished"] == 3
+    assert card["federation"]["selected_by"]["best_value"] == 1.5
+    text = render_markdown(card)
+    assert "Released: the model of round 2 (round 0 is the base), the lowest val_loss (1.5000" in text
 
 
 def test_final_model_merges_the_lora_adapters(tmp_path: Path, tiny_base: Path) -> None:

@@ -157,6 +157,17 @@ class PublicEvalConfig(Section):
     max_records: int = Field(default=200, ge=1, le=100_000)
 
 
+class SelectionConfig(Section):
+    """Which round's model the release takes: the one with the lowest `metric` (a round beats
+    the best so far only by more than `min_delta`), and, with `patience`, stop the run after
+    that many rounds without a better one. `public_val_loss` needs `public_eval`; `val_loss`
+    exists only while the sites share their losses."""
+
+    metric: Literal["public_val_loss", "val_loss"] = "public_val_loss"
+    patience: int | None = Field(default=None, ge=1, le=100_000)
+    min_delta: float = Field(default=0.0, ge=0.0, le=100.0)
+
+
 class FederationConfig(Section):
     """What the coordinator runs: rounds, sampling, aggregation, model and local training."""
 
@@ -185,12 +196,16 @@ class FederationConfig(Section):
     base: ConfigPath | None = None
     # The coordinator's evaluation on public text it owns (`public_val_loss` in metrics.jsonl).
     public_eval: PublicEvalConfig | None = None
+    # Release the best round's model (and optionally stop early) instead of the last one's.
+    selection: SelectionConfig | None = None
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> FederationConfig:
         late = [s.round for s in self.pruning.schedule if s.round > self.rounds]
         if late:
             raise ValueError(f"pruning.schedule has round {late[0]}, after the last round ({self.rounds})")
+        if self.selection and self.selection.metric == "public_val_loss" and self.public_eval is None:
+            raise ValueError("selection.metric public_val_loss needs a public_eval section (public text)")
         return self
 
 

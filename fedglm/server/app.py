@@ -40,6 +40,8 @@ from fedglm.server.global_model import GlobalModel
 from fedglm.server.ledger_check import LedgerCheck
 from fedglm.server.public_eval import PublicEval
 from fedglm.server.rounds import run_rounds
+from fedglm.server.selection import clear as clear_best
+from fedglm.server.selection import select
 from fedglm.server.strategy import FedglmAvg
 
 app = ServerApp()
@@ -69,8 +71,15 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
     strategy.summary()
     public = PublicEval.open(fed.public_eval, start.base, fed.train.seq_len) if fed.public_eval else None
 
-    def persist(server_round: int, row: dict[str, Any]) -> None:
-        """The checkpoint first, then the metrics line: a line always has its checkpoint."""
+    selection = fed.selection
+    if selection is not None and start.first_round > 1 and select(out_dir, selection, start.first_round - 1):
+        log(INFO, "No better round for `selection.patience` rounds before the restart: the run is over")
+        atomic_write_text(out_dir / DONE_NAME, f"{start.first_round - 1}\n")
+        return
+
+    def persist(server_round: int, row: dict[str, Any]) -> bool:
+        """The checkpoint first, then the metrics line (a line always has its checkpoint), then
+        the best round's copy; whether the run stops here (`selection.patience`)."""
         if public is not None:  # the coordinator's own score on public text: no privacy spent
             stats = public.score(start.model.current())
             row |= {"public_val_loss": stats.loss, "public_val_bpb": stats.bits_per_byte}
@@ -80,6 +89,7 @@ def run_federation(grid: Grid, spec: RunSpec) -> None:
         save_checkpoint(out_dir, checkpoint)
         metrics.append_round(out_dir, row)
         log(INFO, "round %d: %s", server_round, row)
+        return selection is not None and select(out_dir, selection, server_round)
 
     last = run_rounds(
         grid,
@@ -143,6 +153,7 @@ def start_or_resume(spec: RunSpec) -> Start:
         run_key = secrets.token_hex(8)
         if (out_dir / METRICS_NAME).exists():
             metrics.truncate_after(out_dir, -1)  # an earlier run's rows, round 0 included, go
+        clear_best(out_dir)  # and its best round's model
     global_model = GlobalModel(
         broadcast, base=base, pruning=fed.pruning, mask=mask, lora_scale=lora.scale if lora else None
     )

@@ -63,9 +63,9 @@ def save_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
-def load_checkpoint(out_dir: Path) -> Checkpoint | None:
-    """The run folder's checkpoint, or None if there is none yet."""
-    path = out_dir / CHECKPOINT_NAME
+def load_checkpoint(out_dir: Path, name: str = CHECKPOINT_NAME) -> Checkpoint | None:
+    """The run folder's checkpoint (or its copy `name`), or None if there is none yet."""
+    path = out_dir / name
     if not path.exists():
         return None
     try:

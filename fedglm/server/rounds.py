@@ -118,7 +118,7 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
     return replies
 
 
-RoundHook = Callable[[int, dict[str, Any]], None]
+RoundHook = Callable[[int, dict[str, Any]], bool]  # persists a round's row; True: stop the run
 
 
 def run_rounds(
@@ -131,7 +131,8 @@ def run_rounds(
     timeout: float,
     on_round: RoundHook,
 ) -> int:
-    """Run rounds `first_round..last_round`; `on_round` persists each finished round's row.
+    """Run rounds `first_round..last_round`; `on_round` persists each finished round's row, and
+    ends the run after that round when it answers True (`server/selection.py`).
 
     A fresh run first evaluates the base model at the sites, as every round is evaluated, and
     hands that over as round 0 (no training, no privacy spent). The run ends early, after the
@@ -143,7 +144,8 @@ def run_rounds(
         traffic = Traffic(dense_model_bytes)
         replies = traffic.exchange(grid, strategy.evaluate_messages(0, grid), timeout, strategy.full_model)
         evaluated = strategy.evaluate_outcome(0, replies)
-        on_round(0, round_row(0, TrainOutcome.nothing(), evaluated, traffic, time.perf_counter() - start))
+        if on_round(0, round_row(0, TrainOutcome.nothing(), evaluated, traffic, time.perf_counter() - start)):
+            return 0
     for server_round in range(first_round, last_round + 1):
         log(INFO, "[ROUND %d/%d]", server_round, last_round)
         start = time.perf_counter()
@@ -176,9 +178,14 @@ def run_rounds(
         eval_replies = traffic.exchange(grid, messages, timeout, strategy.full_model)
         evaluated = strategy.evaluate_outcome(server_round, eval_replies)
         log(INFO, "round %d: evaluation exchange %.1f s", server_round, time.perf_counter() - started)
-        on_round(
-            server_round, round_row(server_round, trained, evaluated, traffic, time.perf_counter() - start)
-        )
+        row = round_row(server_round, trained, evaluated, traffic, time.perf_counter() - start)
+        if on_round(server_round, row) and server_round < last_round:
+            log(
+                INFO,
+                "round %d: no better round for `selection.patience` rounds; the run ends here",
+                server_round,
+            )
+            return server_round
     return last_round
 
 

@@ -23,7 +23,15 @@ from fedglm.compression.wire import unpack
 from fedglm.config import FederationConfig, RunSpec
 from fedglm.data import text_bytes
 from fedglm.errors import InputError
-from fedglm.layout import BASE_MANIFEST, MANIFEST_FILE, METRICS_NAME, SPEC_KEY
+from fedglm.layout import (
+    BASE_MANIFEST,
+    BEST_CHECKPOINT,
+    CHECKPOINT_NAME,
+    DONE_NAME,
+    MANIFEST_FILE,
+    METRICS_NAME,
+    SPEC_KEY,
+)
 from fedglm.models.base import BaseModel
 from fedglm.models.lora import is_adapter, wire_state
 from fedglm.models.tokenizer import encode_records
@@ -105,6 +113,7 @@ def _spec(
     min_clients: int = 2,
     train: dict[str, Any] | None = None,
     public_eval: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> RunSpec:
     if not (out / "receipt.key").exists():
         make_keys(out, "receipt")
@@ -115,6 +124,7 @@ def _spec(
             "train": {"local_steps": 1, "batch_size": 2, "seq_len": 16, **(train or {})},
             "base": base,
             "public_eval": public_eval,
+            "selection": selection,
         }
     )
     return RunSpec(federation=federation, out_dir=out, resume=resume, receipt_key=out / "receipt.key")
@@ -362,6 +372,28 @@ def test_a_finished_run_is_not_run_again(tmp_path: Path, tiny_base: Path) -> Non
     assert [r["round"] for r in metrics.read_rows(tmp_path)] == [0, 1, 2]
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint is not None and (checkpoint.round, checkpoint.run_key) == (2, "abcd")
+
+
+def test_a_restart_after_patience_ran_out_ends_the_run_with_the_best_round_kept(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """The crash came after round 3's row and before selection saw it: the restart decides as
+    the uninterrupted run would have (round 1 stays the best; two rounds without better: stop)."""
+    selection = {"metric": "val_loss", "patience": 2}
+    spec = _spec(tmp_path, tiny_base, resume=True, rounds=5, selection=selection)
+    base = BaseModel.open(tiny_base)
+    state = wire_state(base.build(lora=None))
+    for server_round, loss in ((0, 3.0), (1, 2.0), (2, 2.5), (3, 2.4)):
+        save_checkpoint(tmp_path, Checkpoint(server_round, dict(state), {}, "abcd", _fingerprint(spec, base)))
+        metrics.append_round(tmp_path, _row(server_round) | {"val_loss": loss})
+        if server_round == 1:
+            (tmp_path / BEST_CHECKPOINT).write_bytes((tmp_path / CHECKPOINT_NAME).read_bytes())
+
+    _run(UntouchedGrid(), spec)
+
+    assert (tmp_path / DONE_NAME).read_text() == "3\n"
+    best = load_checkpoint(tmp_path, BEST_CHECKPOINT)
+    assert best is not None and best.round == 1
 
 
 @pytest.mark.parametrize(

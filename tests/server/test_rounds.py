@@ -111,10 +111,15 @@ class FakeStrategy:
 
 
 def _rounds(
-    first_round: int, last_round: int, stale: set[int] | None = None
+    first_round: int, last_round: int, stale: set[int] | None = None, stop_after: int | None = None
 ) -> tuple[FakeStrategy, list[Any]]:
     strategy = FakeStrategy([1, 2])
     rows: list[Any] = []
+
+    def on_round(server_round: int, row: dict[str, Any]) -> bool:
+        rows.append((server_round, row))
+        return server_round == stop_after
+
     last = run_rounds(
         cast(Grid, FakeGrid(stale=stale or set())),
         cast(RoundStrategy, strategy),
@@ -122,10 +127,18 @@ def _rounds(
         last_round=last_round,
         dense_model_bytes=1000,
         timeout=5.0,
-        on_round=lambda server_round, row: rows.append((server_round, row)),
+        on_round=on_round,
     )
-    assert last == last_round
+    assert last == (last_round if stop_after is None else stop_after)
     return strategy, rows
+
+
+def test_the_round_hook_can_end_the_run_after_a_round() -> None:
+    strategy, rows = _rounds(1, 4, stop_after=2)
+    assert [server_round for server_round, _ in rows] == [0, 1, 2]
+    assert ("train", 3) not in strategy.calls
+    strategy, rows = _rounds(1, 4, stop_after=0)  # even before round 1 trains
+    assert [server_round for server_round, _ in rows] == [0] and ("train", 1) not in strategy.calls
 
 
 def test_a_fresh_run_evaluates_the_base_as_round_0_before_training() -> None:
