@@ -33,7 +33,6 @@ from fedglm.modelcard import read_run_spec, write_card
 from fedglm.models.base import BaseModel
 from fedglm.models.families import describe
 from fedglm.models.folder import load_model, load_tokenizer, save_folder
-from fedglm.models.lora import merge_adapters
 from fedglm.models.pruning import Mask
 from fedglm.models.tokenizer import encode_records
 from fedglm.public_text import public_text
@@ -60,8 +59,7 @@ def final_model(run_dir: Path) -> PreTrainedModel:
     fed = spec.federation
     mask = Mask.from_json(checkpoint.mask, base.shape) if checkpoint.mask else Mask.full(base.shape)
     lora = fed.train.lora_spec(fed.model.init_seed, base.family)
-    state = checkpoint.state if lora is None else merge_adapters(checkpoint.state, lora.scale)
-    return base.empty(lora=None, mask=mask, state=state).eval()
+    return base.merged(checkpoint.state, mask=mask, lora_scale=lora.scale if lora else None)
 
 
 def _scores(stats: EvalStats) -> dict[str, Any]:

@@ -26,7 +26,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from fedglm.errors import InputError
 from fedglm.models.families import Family, Shape, shape_of
 from fedglm.models.folder import check_folder, check_weight_headers, folder_hash, load_model, load_tokenizer
-from fedglm.models.lora import LoraSpec, add_adapters, check_targets, load_wire_state, wire_state
+from fedglm.models.lora import (
+    LoraSpec,
+    add_adapters,
+    check_targets,
+    load_wire_state,
+    merge_adapters,
+    wire_state,
+)
 from fedglm.models.pruning import Mask, pruned_config, slice_state
 
 if TYPE_CHECKING:
@@ -110,6 +117,16 @@ class BaseModel:
             return model
         state = slice_state(wire_state(model), self.shape, self.family, Mask.full(self.shape), mask)
         return self.empty(lora=lora, mask=mask, state=state)
+
+    def merged(
+        self, state: dict[str, torch.Tensor], *, mask: Mask | None, lora_scale: float | None
+    ) -> nn.Module:
+        """The model of a wire `state` at the `mask`'s shape, LoRA adapters (when `lora_scale`
+        is set) merged into the weights, in eval mode: what the release and the coordinator's
+        own scoring use."""
+        if lora_scale is not None:
+            state = merge_adapters(state, lora_scale)
+        return self.empty(lora=None, mask=mask, state=state).eval()
 
     def empty(
         self, *, lora: LoraSpec | None, mask: Mask | None = None, state: dict[str, torch.Tensor] | None = None

@@ -127,9 +127,7 @@ class GlobalModel:
         """The model as the sites hold it now, adapters merged, in eval mode (for scoring)."""
         if self.base is None:
             raise ValueError("the model needs its base to be built")
-        state = self.broadcast.state
-        merged = state if self.lora_scale is None else merge_adapters(state, self.lora_scale)
-        return self.base.empty(lora=None, mask=self.mask, state=merged).eval()
+        return self.base.merged(self.broadcast.state, mask=self.mask, lora_scale=self.lora_scale)
 
     def checkpoint(self, server_round: int, *, run_key: str, fingerprint: str) -> Checkpoint:
         return Checkpoint(
