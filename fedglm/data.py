@@ -232,16 +232,24 @@ def eval_windows(
     records: Sequence[list[int]], *, seq_len: int, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every predicted token of every record exactly once, in non-overlapping windows."""
-    windows: list[list[int]] = []
-    for tokens in records:
+    for inputs, targets, _ in record_windows(records, seq_len=seq_len, batch_size=batch_size):
+        yield inputs, targets
+
+
+def record_windows(
+    records: Sequence[list[int]], *, seq_len: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """`eval_windows` with, for each row, the index of the record it belongs to."""
+    windows: list[tuple[int, list[int]]] = []
+    for index, tokens in enumerate(records):
         for start in range(0, len(tokens) - 1, seq_len):
-            windows.append(tokens[start : start + seq_len + 1])
+            windows.append((index, tokens[start : start + seq_len + 1]))
     for first in range(0, len(windows), batch_size):
         chunk = windows[first : first + batch_size]
         inputs = torch.full((len(chunk), seq_len), PAD_INPUT, dtype=torch.long)
         targets = torch.full((len(chunk), seq_len), IGNORE_INDEX, dtype=torch.long)
-        for row, window in enumerate(chunk):
+        for row, (_, window) in enumerate(chunk):
             n = len(window) - 1
             inputs[row, :n] = torch.tensor(window[:-1])
             targets[row, :n] = torch.tensor(window[1:])
-        yield inputs, targets
+        yield inputs, targets, [index for index, _ in chunk]

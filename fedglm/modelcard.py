@@ -40,7 +40,7 @@ from fedglm.models.base import BaseModel, meta_model
 from fedglm.models.families import describe
 from fedglm.models.pruning import Mask, pruned_config
 from fedglm.privacy.audit import dp_accounting_epsilon
-from fedglm.privacy.ledger import parse_ledger
+from fedglm.privacy.ledger import parse_ledger, split_releases
 from fedglm.privacy.site import history
 from fedglm.reports import DistillReport, ExportReport, read_report
 from fedglm.server.selection import best_round, released_checkpoint
@@ -77,7 +77,8 @@ def site_guarantees(run_dir: Path) -> list[dict[str, Any]]:
         lines, _ = parse_ledger(path.read_text(encoding="utf-8"))
         if not lines:
             continue
-        entry = lines[-1].entry
+        updates, metric_lines = split_releases(lines)
+        entry = (updates or lines)[-1].entry
         keys = ("client", "unit", "delta", "accountant", "sampler", "q", "sigma", "clip_norm")
         replace_one = None
         if entry["record_count_public"]:
@@ -86,7 +87,9 @@ def site_guarantees(run_dir: Path) -> list[dict[str, Any]]:
             {
                 **{k: entry[k] for k in keys},
                 "epsilon": max(float(line.entry["epsilon"]) for line in lines),
-                "rounds": len(lines),
+                "rounds": len(updates),
+                "metric_releases": len(metric_lines),
+                "metrics_sigma": float(metric_lines[-1].entry["sigma"]) if metric_lines else None,
                 "budget": entry["budget"],
                 "record_count_public": entry["record_count_public"],
                 "epsilon_replace_one": replace_one,
@@ -145,7 +148,10 @@ def build_card(run_dir: Path) -> dict[str, Any]:
             else None,
         },
         "validation": {
-            "federated_last_round": {"val_loss": last.get("val_loss"), "val_bpb": last.get("val_bpb")},
+            "federated_last_round": {
+                key: last.get(key)
+                for key in ("val_loss", "val_bpb", "dp_val_loss", "dp_val_noise", "dp_sites")
+            },
             "public_held_out": {
                 "text": distilled.public_text,
                 "teacher": distilled.teacher.model_dump(include={"loss", "bits_per_byte"}),
@@ -277,6 +283,11 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- Sites' last federated evaluation (where declared public): loss {_fmt(fl['val_loss'])}, "
         f"bits per byte {_fmt(fl['val_bpb'])}"
     )
+    if fl.get("dp_val_loss") is not None:
+        out.append(
+            f"- Sites' last federated evaluation released under DP ({fl['dp_sites']} sites, mean of "
+            f"per-record losses): loss {_fmt(fl['dp_val_loss'])} +- {_fmt(fl['dp_val_noise'])} (noise std)"
+        )
     public = val["public_held_out"]
     if public:
         out.append(
@@ -319,19 +330,24 @@ def render_markdown(card: dict[str, Any]) -> str:
             "",
             *(f"- {exclusion}." for exclusion in priv["exclusions"]),
             "",
-            "Epsilon is the largest the coordinator countersigned for the site. Where a site's record "
-            "count is public, the last column gives the same history's epsilon against replacing one "
-            "record (dp-accounting PLD).",
+            "Epsilon is the largest the coordinator countersigned for the site; it covers the training "
+            "updates and the validation metrics the site released under DP (the Gaussian mechanism "
+            "with noise multiplier z, once per evaluation). Where a site's record count is public, "
+            "the last column gives the same history's epsilon against replacing one record "
+            "(dp-accounting PLD).",
             "",
             "| site | epsilon | delta | budget | accountant | sampler | q | sigma | clip | rounds | "
-            "replace-one epsilon |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "metric releases (z) | replace-one epsilon |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in priv["sites"]:
+            metric_releases = s.get("metric_releases", 0)
+            z = f" ({s['metrics_sigma']:g})" if metric_releases else ""
             out.append(
                 f"| {s['client']} | {s['epsilon']:.3f} | {s['delta']:g} | {s['budget']:g} | "
                 f"{s['accountant']} | {s['sampler']} | {s['q']:.4g} | {s['sigma']:.4g} | "
-                f"{s['clip_norm']:g} | {s['rounds']} | {_fmt(s['epsilon_replace_one'], '.3f')} |"
+                f"{s['clip_norm']:g} | {s['rounds']} | {metric_releases}{z} | "
+                f"{_fmt(s['epsilon_replace_one'], '.3f')} |"
             )
     else:
         out.append(

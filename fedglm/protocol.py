@@ -14,6 +14,7 @@ On the wire it is one flat ConfigRecord under `config`, since Flower records do 
 | `uplink.*`           | `uplink`       | the round's uplink codec, density, selection             |
 | `prune.mask`         | `mask`         | the pruning mask as JSON; absent while unpruned          |
 | `base.hash`          | `base_hash`    | the announced base model's hash (64 hex digits)          |
+| `metrics.centre`, `metrics.radius` | `metrics_window` | (loss, bpb) window of the DP metric release |
 
 The coordinator's receipts for a site's ledger travel per node in their own record
 (`receipt`, `{"lines": [...]}`), written and read here too. Flower's stock strategies (the
@@ -31,8 +32,11 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedglm.config import LinkConfig, ModelConfig, TrainConfig, validate_config
 from fedglm.payload import CONFIG_KEY, RECEIPT_KEY, PayloadError
+from fedglm.privacy.metric_release import Window
 
 MASK_KEY = "prune.mask"
+CENTRE_KEY = "metrics.centre"
+RADIUS_KEY = "metrics.radius"
 BASE_HASH_KEY = "base.hash"
 NULLABLE_TRAIN_KEYS = ("local_steps", "local_epochs", "grad_clip")
 # Ledger lines a reply carries (the site's lines not yet receipted) and receipts a message
@@ -55,6 +59,7 @@ class RoundConfig:
     uplink: LinkConfig | None = None
     mask: str = ""
     base_hash: str | None = None
+    metrics_window: Window | None = None
 
     def to_record(self) -> ConfigRecord:
         flat: dict[str, Any] = {"seed": self.seed}
@@ -71,6 +76,9 @@ class RoundConfig:
                 flat[f"uplink.{key}"] = value
         if self.mask:
             flat[MASK_KEY] = self.mask
+        if self.metrics_window is not None:
+            flat[CENTRE_KEY] = list(self.metrics_window.centre)
+            flat[RADIUS_KEY] = list(self.metrics_window.radius)
         return ConfigRecord({k: v for k, v in flat.items() if v is not None})
 
     @classmethod
@@ -96,6 +104,7 @@ class RoundConfig:
             uplink=validate_config(uplink, LinkConfig, source=_SOURCE) if uplink else None,
             mask=_text(record, MASK_KEY, reason="bad-mask") or "",
             base_hash=_base_hash(record),
+            metrics_window=_metrics_window(record),
         )
 
 
@@ -118,6 +127,25 @@ def _base_hash(record: ConfigRecord) -> str | None:
     if value is not None and not (isinstance(value, str) and _HEX64.fullmatch(value)):
         raise PayloadError(f"config '{BASE_HASH_KEY}' is {value!r}, expected 64 hex digits", "wrong-base")
     return value
+
+
+def _metrics_window(record: ConfigRecord) -> Window | None:
+    centre, radius = record.get(CENTRE_KEY), record.get(RADIUS_KEY)
+    if centre is None and radius is None:
+        return None
+    pairs = (centre, radius)
+    if not all(isinstance(p, list) and len(p) == 2 and all(_is_number(x) for x in p) for p in pairs):
+        raise PayloadError(f"config '{CENTRE_KEY}' and '{RADIUS_KEY}' must be lists of two numbers")
+    assert isinstance(centre, list) and isinstance(radius, list)
+    window = Window((float(centre[0]), float(centre[1])), (float(radius[0]), float(radius[1])))
+    problem = window.problem()
+    if problem is not None:
+        raise PayloadError(f"config '{CENTRE_KEY}' / '{RADIUS_KEY}': {problem}")
+    return window
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def receipts_record(lines: list[str]) -> ConfigRecord:

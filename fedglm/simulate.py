@@ -29,6 +29,7 @@ from fedglm.models.base import open_federation_base
 from fedglm.nodes import NODE_PUB, ensure_node_keys, read_node_public_key
 from fedglm.pretrain import OtherConfigState, pretrain
 from fedglm.privacy.keys import load_private_key, make_keys
+from fedglm.privacy.ledger import split_releases
 from fedglm.privacy.site import LEDGER_FILE, RECEIPTS_FILE, open_ledger, privacy_dir
 from fedglm.processes import ManagedProcess, free_port
 from fedglm.server.coordinator import RowCallback, admit_sites, execute_run, write_spec
@@ -120,12 +121,14 @@ def privacy_rows(sites: list[SiteSpec]) -> list[dict[str, Any]]:
         folder = privacy_dir(site.state_dir)
         _, lines = open_ledger(site.state_dir, load_private_key(site.signing_key()))
         receipts = folder / RECEIPTS_FILE
-        last = lines[-1].entry if lines else {}
+        updates, metric_lines = split_releases(lines)
+        last = updates[-1].entry if updates else {}
         rows.append(
             {
                 "site": site.name,
-                "rounds": len(lines),
-                "epsilon": last.get("epsilon", 0.0),
+                "rounds": len(updates),
+                "metric_releases": len(metric_lines),
+                "epsilon": lines[-1].entry["epsilon"] if lines else 0.0,
                 "budget": site.privacy.epsilon,
                 "delta": site.privacy.delta,
                 "sigma": last.get("sigma"),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedglm.config import Precision, TrainConfig
-from fedglm.data import IGNORE_INDEX, eval_windows
+from fedglm.data import IGNORE_INDEX, record_windows
 from fedglm.models.causal import forward_logits
 
 ResolvedPrecision = Literal["fp32", "bf16", "fp16"]
@@ -145,7 +145,6 @@ class EvalStats:
     tokens: int
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     records: Sequence[list[int]],
@@ -162,14 +161,16 @@ def evaluate(
     `n_bytes`, the UTF-8 bytes of the records' text (`data.text_bytes`), so it compares across
     tokenizers.
     """
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for inputs, targets in eval_windows(records, seq_len=seq_len, batch_size=batch_size):
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast(precision, device):
-            logits = forward_logits(model, inputs)
-        total_nll += float(lm_loss(logits, targets, reduction="sum"))
-        total_tokens += int((targets != IGNORE_INDEX).sum())
+    losses = record_losses(
+        model, records, seq_len=seq_len, batch_size=batch_size, precision=precision, device=device
+    )
+    return pooled(losses, n_bytes)
+
+
+def pooled(losses: Sequence[RecordLoss], n_bytes: int) -> EvalStats:
+    """Token-weighted loss and bits per byte of records' summed losses (`record_losses`)."""
+    total_nll = sum(loss.nll for loss in losses)
+    total_tokens = sum(loss.tokens for loss in losses)
     if total_tokens == 0:
         return EvalStats(loss=float("nan"), bits_per_byte=float("nan"), tokens=0)
     return EvalStats(
@@ -177,6 +178,40 @@ def evaluate(
         bits_per_byte=total_nll / math.log(2) / max(n_bytes, 1),
         tokens=total_tokens,
     )
+
+
+@dataclass(frozen=True)
+class RecordLoss:
+    """One record's summed next-token loss (nats) and the number of tokens it predicts."""
+
+    nll: float
+    tokens: int
+
+
+@torch.no_grad()
+def record_losses(
+    model: nn.Module,
+    records: Sequence[list[int]],
+    *,
+    seq_len: int,
+    batch_size: int,
+    precision: ResolvedPrecision,
+    device: torch.device,
+) -> list[RecordLoss]:
+    """Each record's summed loss over every token it predicts (in `seq_len` windows)."""
+    model.eval()
+    nll = [0.0] * len(records)
+    tokens = [0] * len(records)
+    for inputs, targets, owners in record_windows(records, seq_len=seq_len, batch_size=batch_size):
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(precision, device):
+            logits = forward_logits(model, inputs)
+        rows = lm_loss(logits, targets, reduction="none").reshape(targets.shape).sum(dim=1)
+        counts = (targets != IGNORE_INDEX).sum(dim=1)
+        for owner, value, count in zip(owners, rows.tolist(), counts.tolist(), strict=True):
+            nll[owner] += value
+            tokens[owner] += count
+    return [RecordLoss(n, t) for n, t in zip(nll, tokens, strict=True)]
 
 
 def steps_for(local_steps: int | None, local_epochs: float | None, n_records: int, batch_size: int) -> int:

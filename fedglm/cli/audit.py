@@ -90,6 +90,7 @@ def print_report(report: AuditReport, ledger: Path) -> None:
         "sigma",
         "steps",
         "delta",
+        "release",
         "claimed eps",
         "PLD eps",
         "RDP eps",
@@ -110,6 +111,7 @@ def print_report(report: AuditReport, ledger: Path) -> None:
             f"{row.sigma:.4g}",
             str(row.steps),
             f"{row.delta:g}",
+            row.release,
             f"{row.claimed:.4f}",
             f"{row.pld:.4f}",
             f"{row.rdp:.4f}",
@@ -138,6 +140,13 @@ def print_report(report: AuditReport, ledger: Path) -> None:
             f"NOT VERIFIED against the coordinator: {len(report.rows)} entries, chain and signatures hold "
             f"under the site's own key (which could re-sign a rewritten ledger); {spent}; {claims}. "
             "Give --server-key and the coordinator's receipts to verify."
+        )
+    if report.without_metrics is not None:
+        releases = sum(1 for row in report.rows if row.release == "metrics")
+        console.print(
+            f"{releases} release(s) of validation metrics under DP: the updates alone give epsilon "
+            f"{report.without_metrics:.4f} (dp-accounting PLD); the metrics cost "
+            f"{last.pld - report.without_metrics:.4f}."
         )
     if replace_one and last.replace_one is not None:
         console.print(

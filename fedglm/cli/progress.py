@@ -33,12 +33,20 @@ def round_line(row: dict[str, Any], total_rounds: int) -> str:
     declined = f"  declined {row['declined']}" if row.get("declined") else ""
     epsilon = f"  epsilon_max {_num(row['epsilon_max'], 3)}" if row.get("epsilon_max") is not None else ""
     public = f"public_val_loss {_num(row['public_val_loss'])}  " if "public_val_loss" in row else ""
+    dp = f"dp_val_loss {_dp(row)}  " if "dp_val_loss" in row else ""
     return (
         f"round {row['round']}/{total_rounds}  train_loss {_num(row.get('train_loss'))}  "
-        f"val_loss {_num(row.get('val_loss'))}  val_bpb {_num(row.get('val_bpb'), 3)}  {public}"
+        f"val_loss {_num(row.get('val_loss'))}  val_bpb {_num(row.get('val_bpb'), 3)}  {dp}{public}"
         f"up {_mb(row.get('upload_bytes'))}  down {_mb(row.get('download_bytes'))}  "
         f"clients {row.get('clients')}{rejected}{declined}{epsilon}  {_num(row.get('seconds'), 1)} s"
     )
+
+
+def _dp(row: dict[str, Any]) -> str:
+    """The sites' loss released under DP, with its noise: '5.612 +-0.041'."""
+    if row.get("dp_val_loss") is None:
+        return "-"
+    return f"{_num(row['dp_val_loss'])} +-{_num(row.get('dp_val_noise'), 3)}"
 
 
 def traffic_summary(rows: list[dict[str, Any]]) -> str:
@@ -71,12 +79,14 @@ def table_title(command: str, rows: list[dict[str, Any]], metrics: Path) -> str:
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     public = any("public_val_loss" in row for row in rows)  # the coordinator's own evaluation
+    dp = any("dp_val_loss" in row for row in rows)  # the sites' loss released under DP
     table = Table(title=title)
     for column in (
         "round",
         "train loss",
         "val loss",
         "val bpb",
+        *(["DP val loss"] if dp else []),
         *(["public val loss"] if public else []),
         "up",
         "down",
@@ -91,6 +101,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
             _num(row.get("train_loss")),
             _num(row.get("val_loss")),
             _num(row.get("val_bpb"), 3),
+            *([_dp(row)] if dp else []),
             *([_num(row.get("public_val_loss"))] if public else []),
             _mb(row.get("upload_bytes")),
             _mb(row.get("download_bytes")),
@@ -105,12 +116,14 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
 def print_privacy(rows: list[dict[str, Any]]) -> None:
     """Each DP site's ledger: rounds it released, epsilon spent against its budget."""
     table = Table(title="privacy (unit: one record; accountant as configured; see `fedglm audit`)")
-    for column in ("site", "rounds", "epsilon", "budget", "delta", "sigma", "q", "receipts"):
+    columns = ("site", "rounds", "metric releases", "epsilon", "budget", "delta", "sigma", "q", "receipts")
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             row["site"],
             str(row["rounds"]),
+            str(row["metric_releases"]),
             _num(row["epsilon"], 3),
             f"{row['budget']:g}",
             f"{row['delta']:g}",

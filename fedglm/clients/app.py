@@ -10,8 +10,9 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedglm.clients.evaluation import evaluate_round
 from fedglm.clients.private_round import train_with_dp
-from fedglm.clients.round import evaluate_round, receive, train_without_dp
+from fedglm.clients.round import receive, train_without_dp
 from fedglm.clients.site import read_site
 
 app = ClientApp()

@@ -25,9 +25,10 @@ from fedglm.errors import InputError
 from fedglm.payload import ARRAYS_KEY, LEDGER_KEY, METRICS_KEY, payload_record
 from fedglm.privacy.dpsgd import dp_precision_for, train_private
 from fedglm.privacy.keys import load_private_key, public_pem
-from fedglm.privacy.ledger import LedgerLine
+from fedglm.privacy.ledger import LedgerLine, release_of
 from fedglm.privacy.site import (
     Decline,
+    ReleaseContext,
     RoundPlan,
     config_hash,
     expected_batch,
@@ -92,19 +93,28 @@ def train_with_dp(received: Received, message: Message) -> Message:
             site.privacy,
             key,
             count_public=site.share.record_count,
-            client=site.name,
-            run=received.held.run,
-            server_round=server_round,
-            precision=precision,
-            model_received=received.held.hash.hex(),
+            release=release_context(received, precision),
             update_sent=hashlib.sha256(blob).hexdigest(),
-            config_digest=config_hash(
-                site.privacy.model_dump(mode="json", exclude={"signing_key"}), dict(received.raw)
-            ),
         )
         save_residual(folder, received.held.run, residual)
         metrics = public_metrics(site, len(records), train_loss=stats.loss)
         return update_reply(message, blob, line, not_countersigned(folder, lines), key, metrics)
+
+
+def release_context(received: Received, precision: str) -> ReleaseContext:
+    """What the round's ledger lines name besides the mechanism (`privacy/site.py`)."""
+    assert received.held is not None
+    site = received.site
+    return ReleaseContext(
+        client=site.name,
+        run=received.held.run,
+        server_round=received.config.server_round or 0,
+        precision=precision,
+        model_received=received.held.hash.hex(),
+        config_digest=config_hash(
+            site.privacy.model_dump(mode="json", exclude={"signing_key"}), dict(received.raw)
+        ),
+    )
 
 
 def plan_private_round(received: Received, lines: list[LedgerLine], n_train: int) -> RoundPlan | Decline:
@@ -148,7 +158,7 @@ def send_again(
     assert received.held is not None
     folder, sequence = state_dir(received.site), int(line.entry["sequence"])
     blob, problem = sent_update(folder, line), ""
-    if sequence != int(lines[-1].entry["sequence"]):
+    if any(release_of(x.entry) == "update" for x in lines[sequence + 1 :]):
         problem = "a later round followed it"
     elif line.entry["model_received"] != received.held.hash.hex():
         problem = "the coordinator now sends another model"
@@ -166,7 +176,7 @@ def send_again(
         int(line.entry["round"]),
         sequence,
     )
-    earlier = [x for x in not_countersigned(folder, lines) if x is not line]
+    earlier = [x for x in not_countersigned(folder, lines) if int(x.entry["sequence"]) < sequence]
     metrics = public_metrics(received.site, len(received.data.train))
     return update_reply(message, blob, line, earlier, key, metrics)
 
@@ -179,12 +189,22 @@ def update_reply(
     key: Ed25519PrivateKey,
     metrics: MetricRecord,
 ) -> Message:
-    ledger_record = ConfigRecord(
+    content = RecordDict(
+        {
+            ARRAYS_KEY: payload_record(blob),
+            METRICS_KEY: metrics,
+            LEDGER_KEY: ledger_record(line, earlier, key),
+        }
+    )
+    return Message(content=content, reply_to=message)
+
+
+def ledger_record(line: LedgerLine, earlier: list[LedgerLine], key: Ed25519PrivateKey) -> ConfigRecord:
+    """A release's ledger line, the lines before it not yet countersigned, and the site's key."""
+    return ConfigRecord(
         {
             "line": json.dumps(line.as_json()),
             "public-key": public_pem(key.public_key()),
             "earlier": [json.dumps(x.as_json()) for x in earlier[-(MAX_CATCH_UP - 1) :]],
         }
     )
-    content = RecordDict({ARRAYS_KEY: payload_record(blob), METRICS_KEY: metrics, LEDGER_KEY: ledger_record})
-    return Message(content=content, reply_to=message)

@@ -1,7 +1,7 @@
 """A round at a site, as steps: receive the model, train or evaluate, compress, reply.
 
 The ClientApp's handlers (`app.py`) call `receive`, then `train_without_dp`, `train_with_dp`
-(`private_round.py`) or `evaluate_round`. The round's settings are read once
+(`private_round.py`) or `evaluate_round` (`evaluation.py`). The round's settings are read once
 (`protocol.RoundConfig.from_record`); the site's copy of the global model is brought up to
 date from the message's payload (`sync.py`), after the model's size is checked against this
 machine from public values (`limits.py`).
@@ -33,7 +33,7 @@ from fedglm.clients.state import HeldModel, load_held, load_residual, save_held,
 from fedglm.clients.sync import check_base, parse_mask, prune_held, receive_model
 from fedglm.compression import CODECS, NO_HASH, Header, Kind
 from fedglm.config import SiteSpec, TrainConfig
-from fedglm.data import SiteData, sample_batches, text_bytes
+from fedglm.data import SiteData, sample_batches
 from fedglm.errors import InputError
 from fedglm.models.base import BaseModel
 from fedglm.models.lora import LoraSpec, is_trained_adapter, load_wire_state, wire_state
@@ -49,16 +49,12 @@ from fedglm.payload import (
     read_state,
     state_record,
 )
-from fedglm.privacy.keys import load_private_key
 from fedglm.privacy.ledger import LedgerLine
 from fedglm.privacy.site import (
     keep_receipt,
-    ledger_lock,
-    open_ledger,
 )
-from fedglm.protocol import RoundConfig, read_receipts
+from fedglm.protocol import RoundConfig
 from fedglm.training import (
-    evaluate,
     optimizer_for,
     resolve_precision,
     steps_for,
@@ -89,27 +85,6 @@ class Received:
     def records(self, texts: list[str]) -> list[list[int]]:
         """`texts` as token ids of the base's tokenizer, each framed by BOS and EOS."""
         return encode_records(self.base.tokenizer(), texts)
-
-
-def evaluate_round(site: SiteSpec, message: Message) -> Message:
-    received = receive(site, message)
-    receipts = read_receipts(message.content)
-    if receipts and site.privacy.enabled:
-        with ledger_lock(state_dir(site)):
-            _, lines = open_ledger(state_dir(site), load_private_key(site.signing_key()))
-            keep_receipts(site, receipts, lines)
-    cfg = received.config.train
-    stats = evaluate(
-        received.model,
-        received.records(received.data.val),
-        seq_len=cfg.seq_len,
-        batch_size=cfg.eval_batch_size,
-        precision=resolve_precision(cfg.precision, received.device),
-        device=received.device,
-        n_bytes=text_bytes(received.data.val),
-    )
-    metrics = public_metrics(site, len(received.data.val), val_loss=stats.loss, val_bpb=stats.bits_per_byte)
-    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=message)
 
 
 def receive(site: SiteSpec, message: Message) -> Received:

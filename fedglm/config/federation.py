@@ -157,13 +157,35 @@ class PublicEvalConfig(Section):
     max_records: int = Field(default=200, ge=1, le=100_000)
 
 
+class SiteMetricsConfig(Section):
+    """The window the coordinator names for the sites' validation metrics released under DP
+    (`privacy/metric_release.py`): each record's loss (nats) and bits per byte count within
+    +-radius of a centre. Round 0 (the base) uses `first_centre` and `first_radius`, wide
+    enough for any loss; each later round centres on the previous round's estimate with
+    `radius` (loss, bits per byte). The window moves only the estimate's noise and bias
+    (noise std about z * sqrt(3) * radius / records at a site), never the sites' guarantee."""
+
+    radius: tuple[float, float] = (2.0, 1.0)
+    first_centre: tuple[float, float] = (8.0, 4.0)
+    first_radius: tuple[float, float] = (8.0, 4.0)
+
+    @model_validator(mode="after")
+    def _usable(self) -> SiteMetricsConfig:
+        for name in ("radius", "first_centre", "first_radius"):
+            values = getattr(self, name)
+            if not all(0 <= v <= 1e4 for v in values) or (name != "first_centre" and min(values) <= 0):
+                raise ValueError(f"site_metrics.{name} is {list(values)}: expected values in (0, 1e4]")
+        return self
+
+
 class SelectionConfig(Section):
     """Which round's model the release takes: the one with the lowest `metric` (a round beats
     the best so far only by more than `min_delta`), and, with `patience`, stop the run after
     that many rounds without a better one. `public_val_loss` needs `public_eval`; `val_loss`
-    exists only while the sites share their losses."""
+    exists only while the sites share their losses; `dp_val_loss`, the sites' loss released
+    under DP, while they release it (noisy: give `min_delta` and `patience` room)."""
 
-    metric: Literal["public_val_loss", "val_loss"] = "public_val_loss"
+    metric: Literal["public_val_loss", "val_loss", "dp_val_loss"] = "public_val_loss"
     patience: int | None = Field(default=None, ge=1, le=100_000)
     min_delta: float = Field(default=0.0, ge=0.0, le=100.0)
 
@@ -198,6 +220,8 @@ class FederationConfig(Section):
     public_eval: PublicEvalConfig | None = None
     # Release the best round's model (and optionally stop early) instead of the last one's.
     selection: SelectionConfig | None = None
+    # Ask the sites for their validation metrics under DP (null: ask for none).
+    site_metrics: SiteMetricsConfig | None = SiteMetricsConfig()
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> FederationConfig:

@@ -34,6 +34,17 @@ class ShareConfig(Section):
     record_count: bool = False
 
 
+class MetricsPrivacyConfig(Section):
+    """The site's validation metrics, released under DP each time the coordinator evaluates
+    (`privacy/metric_release.py`): the Gaussian mechanism with `noise_multiplier` on clipped
+    per-record losses, recorded in the ledger and counted in the budget. With `enabled`
+    false the coordinator learns nothing of the site's validation loss (unless `share.loss`).
+    """
+
+    enabled: bool = True
+    noise_multiplier: float = Field(default=5.0, ge=0.5, le=1e4)
+
+
 class PrivacyConfig(Section):
     """A site's differential privacy: DP-SGD with Opacus, and the budget it never exceeds.
 
@@ -50,7 +61,8 @@ class PrivacyConfig(Section):
     `train.batch_size`; never anything computed from private data. `accountant`: prv (default) or
     rdp. `mode`: hooks (per-record gradients) or ghost (ghost clipping, less memory, fp32).
     `signing_key`: the Ed25519 key that signs the ledger (`fedglm keys`), by default
-    `<state_dir>/ledger.key`.
+    `<state_dir>/ledger.key`. `metrics`: the validation metrics released under DP; the
+    calibrated noise multiplier leaves room for them (one release per round, and the base's).
     """
 
     enabled: bool = True
@@ -65,6 +77,7 @@ class PrivacyConfig(Section):
     accountant: Literal["prv", "rdp"] = "prv"
     mode: Literal["hooks", "ghost"] = "hooks"
     signing_key: ConfigPath | None = None
+    metrics: MetricsPrivacyConfig = MetricsPrivacyConfig()
 
 
 def _check_sampling_is_public(privacy: PrivacyConfig, share: ShareConfig) -> None:

@@ -2,9 +2,10 @@
 
 A history is a list of `Release(sigma, q, steps)`: `steps` Poisson-subsampled Gaussian
 mechanisms with sampling rate `q` and noise multiplier `sigma` (the Gaussian's standard
-deviation over the clipping norm). Composition is commutative, so releases with the same
-(sigma, q) are merged before accounting: that keeps the PRV accountant's cost independent of
-the number of rounds.
+deviation over the clipping norm). A release of validation metrics is `Release(z, 1.0, 1)`:
+one Gaussian mechanism on every record (`metric_release.py`). Composition is commutative, so
+releases with the same (sigma, q) are merged before accounting: that keeps the PRV
+accountant's cost independent of the number of rounds.
 
 Accountants (Opacus 1.6): `prv` (the default; a numerical upper bound, computed here with an
 epsilon error of at most 0.001 and 0.1% of epsilon, so that claims stay within 1% of an
@@ -95,12 +96,14 @@ def calibrate_sigma(
     q: float,
     steps: int,
     accountant: AccountantName,
+    alongside: tuple[Release, ...] = (),
 ) -> float:
-    """The smallest sigma (to 0.1%) for which `steps` steps at (sigma, q) stay within
-    `target_epsilon`. Raises ValueError if even sigma = 1e4 does not."""
+    """The smallest sigma (to 0.1%) for which `steps` steps at (sigma, q), composed with the
+    releases planned `alongside` (the site's metric releases), stay within `target_epsilon`.
+    Raises ValueError if even sigma = 1e4 does not."""
 
     def eps(sigma: float) -> float:
-        return epsilon([Release(sigma, q, steps)], delta, accountant, coarse=True)
+        return epsilon([Release(sigma, q, steps), *alongside], delta, accountant, coarse=True)
 
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:

@@ -5,7 +5,9 @@
    sequence number and names the previous entry's hash. Budget and delta are the same on
    every line (a raised budget or a changed delta is flagged).
 2. Every cumulative epsilon is recomputed over the history up to that entry with Google's
-   `dp-accounting` (independent of Opacus, which wrote it): PLD for entries written with the
+   `dp-accounting` (independent of Opacus, which wrote it; a metric release is a Gaussian
+   mechanism on every record, a `PoissonSampledDpEvent` with probability 1, which
+   dp-accounting treats as the `GaussianDpEvent` itself): PLD for entries written with the
    PRV accountant, RDP for entries written with RDP (with the orders Opacus used); both are
    shown. The check is one-sided: a claim may be above its recomputation by any amount (a
    conservative accountant; the report says how much), but never below it by more than the
@@ -15,7 +17,9 @@
    recomputation (allowing 0.1% of numerical slack in the recomputation).
 4. Where the ledger says the site's record count is public (then q reveals it), the epsilon
    of the same history under replace-one neighbouring is reported too (dp-accounting PLD).
-5. The verdict says what was proved. The site holds the key that signs its ledger, so it
+5. Where the ledger holds metric releases, the epsilon of its updates alone is reported too:
+   the difference is what releasing the validation metrics cost.
+6. The verdict says what was proved. The site holds the key that signs its ledger, so it
    could rewrite and re-sign every line (halve q, raise the budget) and the chain would still
    hold. Only the coordinator's receipts pin each entry: with the coordinator's public key and
    its copy of the receipts (`receipts/<site>.jsonl` in its run folder), every entry must have
@@ -41,7 +45,7 @@ from dp_accounting import pld, rdp
 from fedglm.errors import InputError
 from fedglm.privacy.accounting import RDP_ORDERS, Release, merged
 from fedglm.privacy.keys import key_id
-from fedglm.privacy.ledger import LedgerLine, Problem, parse_ledger, verify_chain
+from fedglm.privacy.ledger import LedgerLine, Problem, parse_ledger, release_of, split_releases, verify_chain
 from fedglm.privacy.receipts import Receipt, receipt_ok
 from fedglm.privacy.site import RECEIPTS_FILE, history
 
@@ -96,6 +100,7 @@ class AuditRow:
     sequence: int
     run: str
     round: int
+    release: str  # "update" (DP-SGD) or "metrics" (validation metrics, the Gaussian mechanism)
     q: float
     sigma: float
     steps: int
@@ -118,6 +123,8 @@ class AuditReport:
     rows: list[AuditRow]
     problems: list[Problem] = field(default_factory=list)
     receipts_checked: bool = False
+    # dp-accounting PLD's epsilon of the updates alone, where the ledger also holds metric releases
+    without_metrics: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -136,6 +143,7 @@ class AuditReport:
             "ok": self.ok,
             "verified_against_coordinator": self.verified,
             "receipts_checked": self.receipts_checked,
+            "epsilon_without_metrics": self.without_metrics,
             "problems": [str(p) for p in self.problems],
             "rows": [asdict(r) for r in self.rows],
         }
@@ -158,6 +166,11 @@ def audit_ledger(
     for index, line in enumerate(lines):
         report.rows.append(_recompute(line, lines[: index + 1], budget, problems))
     problems += _changed_terms(lines)
+    updates, metric_lines = split_releases(lines)
+    if metric_lines:
+        report.without_metrics = dp_accounting_epsilon(
+            history(updates), float(lines[-1].entry["delta"]), "pld"
+        )
     if server_key is not None and receipts is not None:
         report.receipts_checked = True
         _check_receipts(lines, report.rows, server_key, receipts, problems)
@@ -201,6 +214,7 @@ def _recompute(
         sequence=int(entry["sequence"]),
         run=str(entry["run"]),
         round=int(entry["round"]),
+        release=release_of(entry),
         q=float(entry["q"]),
         sigma=float(entry["sigma"]),
         steps=int(entry["steps"]),

@@ -1,8 +1,14 @@
-"""A site's privacy ledger: one JSONL file, one signed line per round the site released.
+"""A site's privacy ledger: one JSONL file, one signed line per release of the site.
 
 Each line is `{"entry": {...}, "hash": H, "signature": S}`:
 - `entry` holds the fields of `ENTRY_FIELDS` (what was released, under which guarantee, and
-  the cumulative epsilon the site's accountant computed after it);
+  the cumulative epsilon the site's accountant computed after it). `release` says what:
+  - `update`: a round's training update, DP-SGD (`sampler` poisson, `q`, `sigma`, `steps`,
+    `clip_norm`, `expected_batch`); `metrics` is `{}`;
+  - `metrics`: the round's validation metrics, the Gaussian mechanism on every validation
+    record once (`sampler` none, `q` 1, `steps` 1, `clip_norm` 1, `sigma` the noise
+    multiplier; `metric_release.py`), with the released values themselves in `metrics`;
+  lines of format 2 (before metric releases) are updates and have neither field;
 - `H` is the SHA-256 (hex) of the entry's canonical JSON (keys sorted, no spaces, ASCII, no
   NaN); each entry names its predecessor's `H` in `prev` (64 zeros for the first), so edits,
   deletions and re-orderings break the chain;
@@ -28,8 +34,10 @@ from fedglm import strict_json
 from fedglm.atomic import append_json_line
 from fedglm.errors import InputError
 from fedglm.privacy.keys import key_id, verify
+from fedglm.privacy.metric_release import check_released
 
-FORMAT = "fedglm-ledger/2"
+FORMAT = "fedglm-ledger/3"
+FORMAT_2 = "fedglm-ledger/2"  # still read: updates only, without `release` and `metrics`
 MAX_LINE_CHARS = 16_384  # a real line is about 1,000 characters
 GENESIS = "0" * 64
 
@@ -61,7 +69,11 @@ ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
     "config_hash": (str,),
     "prev": (str,),
     "time": (str,),
+    "release": (str,),
+    "metrics": (dict,),
 }
+FIELDS_ADDED_IN_3 = ("release", "metrics")
+RELEASES = ("update", "metrics")
 
 
 # The values an accountant can take (a line outside them is malformed, not a claim to check).
@@ -113,26 +125,55 @@ class Problem:
 def _check_fields(entry: Any) -> str | None:
     if not isinstance(entry, dict):
         return "'entry' is not an object"
-    missing = [f for f in ENTRY_FIELDS if f not in entry]
+    fields = ENTRY_FIELDS
+    if entry.get("format") == FORMAT_2:
+        fields = {k: v for k, v in ENTRY_FIELDS.items() if k not in FIELDS_ADDED_IN_3}
+    missing = [f for f in fields if f not in entry]
     if missing:
         return f"entry lacks field(s) {', '.join(missing)}"
-    extra = sorted(set(entry) - set(ENTRY_FIELDS))
+    extra = sorted(set(entry) - set(fields))
     if extra:
         return f"entry has unknown field(s) {', '.join(extra)}"
-    for name, types in ENTRY_FIELDS.items():
+    for name, types in fields.items():
         value = entry[name]
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             return f"field '{name}' is {value!r}, expected {' or '.join(t.__name__ for t in types)}"
         if isinstance(value, float) and not math.isfinite(value):
             return f"field '{name}' is not finite"
-    if entry["format"] != FORMAT:
+    if entry["format"] not in (FORMAT, FORMAT_2):
         return f"format is {entry['format']!r}, expected {FORMAT!r}"
     for name, (low, high, what) in RANGES.items():
         if not low <= entry[name] <= high:
             return f"field '{name}' is {entry[name]!r}, {what}"
     if entry["q"] <= 0 or entry["sigma"] <= 0 or entry["delta"] <= 0:
         return "q, sigma and delta must be positive"
-    return None
+    return _check_release(entry)
+
+
+def _check_release(entry: dict[str, Any]) -> str | None:
+    """The fields that depend on what the line releases (module docstring)."""
+    release = release_of(entry)
+    if release not in RELEASES:
+        return f"release is {release!r}, expected one of {', '.join(RELEASES)}"
+    if release == "update":
+        if entry["sampler"] != "poisson" or entry.get("metrics", {}) != {}:
+            return "an update line needs sampler poisson and an empty metrics object"
+        return None
+    if (entry["sampler"], entry["q"], entry["steps"], entry["clip_norm"]) != ("none", 1, 1, 1):
+        return "a metrics line needs sampler none, q 1, steps 1 and clip_norm 1"
+    reason = check_released(entry["metrics"])
+    return None if reason is None else f"field 'metrics': {reason}"
+
+
+def release_of(entry: dict[str, Any]) -> str:
+    """What a (well-formed) entry released: `update` or `metrics`."""
+    return str(entry.get("release", "update"))
+
+
+def split_releases(lines: list[LedgerLine]) -> tuple[list[LedgerLine], list[LedgerLine]]:
+    """The lines of training updates, and those of metric releases."""
+    updates = [line for line in lines if release_of(line.entry) == "update"]
+    return updates, [line for line in lines if release_of(line.entry) == "metrics"]
 
 
 def parse_ledger(text: str) -> tuple[list[LedgerLine], list[Problem]]:

@@ -11,12 +11,16 @@ Files under the site's `state_dir/privacy/`:
 The order in a round is fixed: plan (the epsilon the round would bring, against the budget),
 train with DP-SGD, compress, keep the update, append the ledger entry (fsynced), save the
 residual, reply. An entry on disk counts as spent whether or not its update ever left.
+A release of validation metrics (`metric_release.py`) follows the same order with its own
+line: plan, evaluate and noise, append, reply. A noise multiplier calibrated to the budget
+leaves room for one metric release per planned round plus the base's (round 0).
 
 A round is spent once. When the coordinator asks again for a round of its run that the ledger
 already holds (it crashed mid-round and resumed from its last checkpoint), the site sends the
 very update it recorded, from `sent-update.bin`, at no new privacy cost (the release is the
 same); if the coordinator now sends another model, or that update is gone, the site refuses
-the round rather than train it twice.
+the round rather than train it twice. Metrics asked for again are sent again from their line,
+which holds the released values.
 
 A ledger is never silently behind: every receipt the site holds must name an entry of its
 ledger (same sequence, same hash), and a site with a residual from earlier rounds but no
@@ -32,7 +36,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,7 +50,15 @@ from fedglm.config import PrivacyConfig, SiteSpec
 from fedglm.errors import InputError
 from fedglm.privacy.accounting import ACCOUNTANT_VERSION, Release, calibrate_sigma, epsilon
 from fedglm.privacy.keys import load_private_key
-from fedglm.privacy.ledger import LedgerLine, append_entry, canonical, load_own_ledger, read_text_file
+from fedglm.privacy.ledger import (
+    LedgerLine,
+    append_entry,
+    canonical,
+    load_own_ledger,
+    read_text_file,
+    release_of,
+)
+from fedglm.privacy.metric_release import Released
 from fedglm.privacy.receipts import MAX_RECEIPT_CHARS, parse_receipt
 from fedglm.protocol import MAX_CATCH_UP
 
@@ -134,7 +146,7 @@ def plan_round(
 ) -> RoundPlan | Decline:
     """The round's noise and epsilon; `Decline` if it would pass the site's budget."""
     check_delta(privacy, n_train)
-    sigma = privacy.noise_multiplier or _calibrated_sigma(privacy, q, steps * planned_rounds, cache_dir)
+    sigma = privacy.noise_multiplier or _calibrated_sigma(privacy, q, steps, planned_rounds, cache_dir)
     spent = history(lines)
     before = epsilon(spent, privacy.delta, privacy.accountant)
     after = epsilon([*spent, Release(sigma, q, steps)], privacy.delta, privacy.accountant)
@@ -150,8 +162,28 @@ def plan_round(
     )
 
 
-def _calibrated_sigma(privacy: PrivacyConfig, q: float, total_steps: int, cache_dir: Path | None) -> float:
-    key = json.dumps([privacy.epsilon, privacy.delta, q, total_steps, privacy.accountant])
+def planned_metric_releases(privacy: PrivacyConfig, planned_rounds: int) -> tuple[Release, ...]:
+    """The metric releases a run of `planned_rounds` rounds brings: one per round and the base's."""
+    if not privacy.metrics.enabled:
+        return ()
+    return (Release(privacy.metrics.noise_multiplier, 1.0, planned_rounds + 1),)
+
+
+def _calibrated_sigma(
+    privacy: PrivacyConfig, q: float, steps: int, planned_rounds: int, cache_dir: Path | None
+) -> float:
+    alongside = planned_metric_releases(privacy, planned_rounds)
+    total_steps = steps * planned_rounds
+    key = json.dumps(
+        [
+            privacy.epsilon,
+            privacy.delta,
+            q,
+            total_steps,
+            privacy.accountant,
+            [list(astuple(r)) for r in alongside],
+        ]
+    )
     path = cache_dir / CALIBRATION_FILE if cache_dir is not None else None
     cache: dict[str, float] = {}
     if path is not None and path.exists():
@@ -168,6 +200,7 @@ def _calibrated_sigma(privacy: PrivacyConfig, q: float, total_steps: int, cache_
                 q=q,
                 steps=total_steps,
                 accountant=privacy.accountant,
+                alongside=alongside,
             )
         except ValueError as exc:
             raise InputError(f"privacy.epsilon = {privacy.epsilon:g} cannot be met: {exc}") from None
@@ -188,46 +221,119 @@ def record_round(
     key: Ed25519PrivateKey,
     *,
     count_public: bool,
-    client: str,
-    run: str,
-    server_round: int,
-    precision: str,
-    model_received: str,
+    release: ReleaseContext,
     update_sent: str,
-    config_digest: str,
 ) -> LedgerLine:
     """Append the round's signed entry (fsynced) before its update leaves the site."""
     fields = {
-        "client": client,
-        "run": run,
-        "round": server_round,
-        "unit": privacy.unit,
+        **release.fields(privacy, count_public),
+        "release": "update",
         "sampler": "poisson",
         "q": plan.q,
         "sigma": plan.sigma,
         "steps": plan.steps,
         "clip_norm": privacy.clip_norm,
-        "delta": privacy.delta,
-        "accountant": privacy.accountant,
-        "accountant_version": ACCOUNTANT_VERSION,
         "epsilon": plan.epsilon_after,
-        "budget": privacy.epsilon,
         "expected_batch": plan.expected_batch,
-        "record_count_public": count_public,
         "mode": privacy.mode,
-        "precision": precision,
-        "model_received": model_received,
         "update_sent": update_sent,
-        "config_hash": config_digest,
-        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "metrics": {},
     }
     return append_entry(ledger, lines, fields, key)
 
 
-def released_before(lines: list[LedgerLine], *, run: str, server_round: int) -> LedgerLine | None:
-    """This site's entry for round `server_round` of run `run`, if it trained that round already."""
+@dataclass(frozen=True)
+class ReleaseContext:
+    """What every ledger line of a release names besides the mechanism: who released it, in
+    which run and round, on which model, in which precision, under which settings."""
+
+    client: str
+    run: str
+    server_round: int
+    precision: str
+    model_received: str
+    config_digest: str
+
+    def fields(self, privacy: PrivacyConfig, count_public: bool) -> dict[str, Any]:
+        return {
+            "client": self.client,
+            "run": self.run,
+            "round": self.server_round,
+            "unit": privacy.unit,
+            "delta": privacy.delta,
+            "accountant": privacy.accountant,
+            "accountant_version": ACCOUNTANT_VERSION,
+            "budget": privacy.epsilon,
+            "record_count_public": count_public,
+            "precision": self.precision,
+            "model_received": self.model_received,
+            "config_hash": self.config_digest,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+
+@dataclass(frozen=True)
+class MetricPlan:
+    """A metric release's noise multiplier and the epsilon before and after it."""
+
+    noise_multiplier: float
+    epsilon_before: float
+    epsilon_after: float
+
+
+def plan_metric_release(privacy: PrivacyConfig, lines: list[LedgerLine]) -> MetricPlan | Decline:
+    """The epsilon one metric release would bring; `Decline` if it would pass the budget."""
+    z = privacy.metrics.noise_multiplier
+    spent = history(lines)
+    before = epsilon(spent, privacy.delta, privacy.accountant)
+    after = epsilon([*spent, Release(z, 1.0, 1)], privacy.delta, privacy.accountant)
+    if after > privacy.epsilon:
+        return Decline(before, after)
+    return MetricPlan(z, before, after)
+
+
+def record_metric_release(
+    ledger: Path,
+    lines: list[LedgerLine],
+    plan: MetricPlan,
+    released: Released,
+    privacy: PrivacyConfig,
+    key: Ed25519PrivateKey,
+    *,
+    count_public: bool,
+    release: ReleaseContext,
+) -> LedgerLine:
+    """Append the metric release's signed entry (fsynced); the released values are in it."""
+    values = released.as_json()
+    fields = {
+        **release.fields(privacy, count_public),
+        "release": "metrics",
+        "sampler": "none",
+        "q": 1.0,
+        "sigma": plan.noise_multiplier,
+        "steps": 1,
+        "clip_norm": 1.0,
+        "epsilon": plan.epsilon_after,
+        "expected_batch": 1.0,
+        "mode": "gaussian",
+        "update_sent": metrics_digest(values),
+        "metrics": values,
+    }
+    return append_entry(ledger, lines, fields, key)
+
+
+def metrics_digest(values: dict[str, Any]) -> str:
+    """What a metrics line's `update_sent` names: the SHA-256 of its released values."""
+    return hashlib.sha256(canonical(values)).hexdigest()
+
+
+def released_before(
+    lines: list[LedgerLine], *, run: str, server_round: int, release: str = "update"
+) -> LedgerLine | None:
+    """This site's `release` entry for round `server_round` of run `run`, if it holds one."""
     for line in reversed(lines):
-        if line.entry["run"] == run and int(line.entry["round"]) == server_round:
+        same = line.entry["run"] == run and int(line.entry["round"]) == server_round
+        if same and release_of(line.entry) == release:
             return line
     return None
 

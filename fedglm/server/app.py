@@ -42,6 +42,7 @@ from fedglm.server.public_eval import PublicEval
 from fedglm.server.rounds import run_rounds
 from fedglm.server.selection import clear as clear_best
 from fedglm.server.selection import select
+from fedglm.server.site_metrics import SiteMetricsPool
 from fedglm.server.strategy import FedglmAvg
 
 app = ServerApp()
@@ -189,4 +190,13 @@ def make_strategy(spec: RunSpec, start: Start) -> FedglmAvg:
         max_update_norm=fed.max_update_norm,
         aggregation=fed.aggregation,
         trim_fraction=fed.trim_fraction,
+        site_metrics=SiteMetricsPool(fed.site_metrics, previous=_last_estimate(spec.out_dir, start)),
     )
+
+
+def _last_estimate(out_dir: Path, start: Start) -> tuple[float, float] | None:
+    """The last finished round's pooled DP metrics (the next window's centre), on a resume."""
+    rows = metrics.read_rows(out_dir) if start.first_round > 1 else []
+    last = rows[-1] if rows else {}
+    loss, bpb = last.get("dp_val_loss"), last.get("dp_val_bpb")
+    return (float(loss), float(bpb)) if loss is not None and bpb is not None else None

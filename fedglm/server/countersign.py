@@ -1,9 +1,9 @@
-"""The coordinator's side of the privacy ledgers: check each update's ledger line, countersign it.
+"""The coordinator's side of the privacy ledgers: check each release's ledger line, countersign it.
 
 An update from a DP site arrives with the signed ledger line the site wrote (and fsynced)
 before sending it, the site's public key, and (`earlier`) any lines of its ledger the site
-holds no receipt for yet (a reply lost in a crash). The coordinator accepts the update only
-if:
+holds no receipt for yet (a reply lost in a crash); a release of validation metrics likewise,
+its values in the line itself. The coordinator accepts the release only if:
 - the node that sent it is the one the coordinator listed under that site's name (with
   SuperNode authentication, `fedglm/nodes.py`), so no one can claim another site's name;
 - every line's hash and signature hold under that key, the key is the one this site has
@@ -13,13 +13,15 @@ if:
   the next sequence number, name the last countersigned line's hash as `prev`, and claim no
   lower epsilon. A site that lost or rolled back its ledger (and would spend its budget
   again) is refused here, round after round, until it restores the ledger;
-- the last line names this run, this round, the model the coordinator sent (its hash) and
-  the very payload it arrived with (SHA-256 of the bytes), with an epsilon within the site's
+- the last line names this run, this round, the kind of release the coordinator asked for,
+  the model the coordinator sent (its hash) and the very payload it arrived with (SHA-256 of
+  the bytes; of the canonical values for metrics), with an epsilon within the site's
   declared budget.
 An update whose entry was countersigned before is a site sending a round's update again after
 the coordinator crashed mid-round and resumed that round (`privacy/site.py`): the checks above
 make it the very release the receipt covers, so it is accepted once more for this round, at no
-new cost, and its receipt sent again. A site is accepted at most once per round.
+new cost, and its receipt sent again. A site's update, and its metrics, are each accepted at
+most once per round.
 
 It then signs a receipt for each new line (`privacy/receipts.py`), appends them to
 `receipts/<site>.jsonl` in the run folder and the lines themselves to
@@ -44,8 +46,9 @@ from fedglm.compression import PayloadError
 from fedglm.config import is_site_name
 from fedglm.layout import LEDGER_COPIES
 from fedglm.privacy.keys import key_id, public_key_from_pem
-from fedglm.privacy.ledger import LedgerLine, check_signed, parse_ledger
+from fedglm.privacy.ledger import LedgerLine, check_signed, parse_ledger, release_of
 from fedglm.privacy.receipts import make_receipt, read_receipts, receipt_ok
+from fedglm.privacy.site import metrics_digest
 from fedglm.protocol import MAX_CATCH_UP
 
 BAD_LEDGER = "bad-ledger"
@@ -69,7 +72,8 @@ class Countersigner:
         self.epsilon: dict[str, float] = {}
         self.chains: dict[str, dict[int, str]] = {}  # site -> sequence -> countersigned entry hash
         self._pending: dict[int, list[str]] = {}
-        self._accepted: dict[str, int] = {}  # site -> the last round an update of it was accepted
+        # (site, release) -> the last round such a release of it was accepted
+        self._accepted: dict[tuple[str, str], int] = {}
         public = key.public_key()
         for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
             receipts, _ = read_receipts(path)
@@ -82,9 +86,11 @@ class Countersigner:
                     self.epsilon[client] = max(self.epsilon.get(client, 0.0), float(body["epsilon"]))
 
     def countersign(
-        self, node: int, ledger: dict[str, Any], blob: bytes, server_round: int, base: bytes
-    ) -> None:
-        """Check the ledger lines sent with `blob` and keep receipts; `PayloadError` if they fail."""
+        self, node: int, ledger: dict[str, Any], update: bytes | None, server_round: int, base: bytes
+    ) -> LedgerLine:
+        """Check the ledger lines of a release and keep receipts; `PayloadError` if they fail.
+        `update`: the payload an update's line must name; None for a metrics release, whose
+        values are in its line. Returns the release's line."""
         lines, site_key = _read_lines(ledger)
         entry = lines[-1].entry
         client, site_key_id = entry["client"], key_id(site_key)
@@ -93,6 +99,8 @@ class Countersigner:
                 f"node {node} is listed for site {self.nodes.get(node)!r}, not {str(client)[:64]!r}",
                 WRONG_SITE,
             )
+        release = "update" if update is not None else "metrics"
+        sent = hashlib.sha256(update).hexdigest() if update is not None else metrics_digest(entry["metrics"])
         expected = {
             "client is a site name": is_site_name(client),
             "one client": all(x.entry["client"] == client for x in lines),
@@ -100,25 +108,24 @@ class Countersigner:
             "the site's pinned key": self.site_keys.get(client, site_key_id) == site_key_id,
             "run": entry["run"] == self.run_key,
             "round": entry["round"] == server_round,
+            f"an {release} release": release_of(entry) == release,
             "model received": entry["model_received"] == base.hex(),
-            "update sent": entry["update_sent"] == hashlib.sha256(blob).hexdigest(),
-            "unit and sampler": all(
-                (x.entry["unit"], x.entry["sampler"]) == ("record", "poisson") for x in lines
-            ),
+            "what was sent": entry["update_sent"] == sent,
+            "unit": all(x.entry["unit"] == "record" for x in lines),
             "epsilon within budget": float(entry["epsilon"]) <= float(entry["budget"]),
         }
         failed = [what for what, ok in expected.items() if not ok]
         if failed:
             raise PayloadError(f"ledger entry of {client!r} does not match: {', '.join(failed)}", BAD_LEDGER)
-        if self._accepted.get(client) == server_round:
-            raise PayloadError(f"a second update from {client!r} this round", "duplicate-site")
+        if self._accepted.get((client, release)) == server_round:
+            raise PayloadError(f"a second {release} release from {client!r} this round", "duplicate-site")
         new = self._continuation(client, lines)
         if not new:  # sent again after a restart (see the module docstring): its receipt too
             self._pending.setdefault(node, []).append(
                 json.dumps(make_receipt(lines[-1], self.key), sort_keys=True)
             )
-            self._accepted[client] = server_round
-            return
+            self._accepted[(client, release)] = server_round
+            return lines[-1]
         receipts = [json.dumps(make_receipt(x, self.key), sort_keys=True) for x in new]
         for receipt, x in zip(receipts, new, strict=True):
             append_line(self.folder / f"{client}.jsonl", receipt)
@@ -128,7 +135,8 @@ class Countersigner:
         self.site_keys[client] = site_key_id
         self.epsilon[client] = max(self.epsilon.get(client, 0.0), float(entry["epsilon"]))
         self._pending.setdefault(node, []).extend(receipts)
-        self._accepted[client] = server_round
+        self._accepted[(client, release)] = server_round
+        return lines[-1]
 
     def _continuation(self, client: str, lines: list[LedgerLine]) -> list[LedgerLine]:
         """The lines not yet countersigned, checked to continue this site's countersigned chain."""
@@ -168,7 +176,7 @@ class Countersigner:
             epsilon = float(x.entry["epsilon"])
             new.append(x)
         if new and new[-1] is not lines[-1]:
-            raise PayloadError(f"ledger of {client!r}: the update's entry is not its last line", BAD_LEDGER)
+            raise PayloadError(f"ledger of {client!r}: the release's entry is not its last line", BAD_LEDGER)
         return new
 
     def receipt_for(self, node: int) -> list[str]:

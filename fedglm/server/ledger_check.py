@@ -13,6 +13,7 @@ from __future__ import annotations
 from flwr.app import Message
 
 from fedglm.payload import LEDGER_KEY, PayloadError
+from fedglm.privacy.ledger import LedgerLine
 from fedglm.server.countersign import BAD_LEDGER, Countersigner
 
 
@@ -32,9 +33,22 @@ class LedgerCheck:
             if self.required:
                 raise PayloadError("the update comes without a ledger entry (DP is required)", "no-ledger")
             return
+        self._countersigner().countersign(reply.metadata.src_node_id, dict(ledger), blob, server_round, base)
+
+    def metrics(self, reply: Message, server_round: int, base: bytes) -> LedgerLine | None:
+        """The countersigned line of the metrics `reply` releases under DP; None if it releases
+        none (or declined to); `PayloadError` if its line may not count."""
+        ledger = reply.content.config_records.get(LEDGER_KEY)
+        if ledger is None or "declined" in ledger:
+            return None
+        return self._countersigner().countersign(
+            reply.metadata.src_node_id, dict(ledger), None, server_round, base
+        )
+
+    def _countersigner(self) -> Countersigner:
         if self.countersigner is None:
             raise PayloadError("this coordinator has no receipt key to countersign ledgers", BAD_LEDGER)
-        self.countersigner.countersign(reply.metadata.src_node_id, dict(ledger), blob, server_round, base)
+        return self.countersigner
 
     def receipts_for(self, node: int) -> list[str]:
         """The receipts to send with the next message to `node`, once."""

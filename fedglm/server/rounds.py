@@ -193,11 +193,15 @@ def round_row(
     server_round: int, trained: TrainOutcome, evaluated: EvalOutcome, traffic: Traffic, seconds: float
 ) -> dict[str, Any]:
     """The round's line in `metrics.jsonl` (keys in `metrics.REQUIRED_KEYS`)."""
+    epsilon = evaluated.epsilon or trained.epsilon  # metric releases after training count too
     return {
         "round": server_round,
         "train_loss": trained.train_loss,
         "val_loss": evaluated.val_loss,
         "val_bpb": evaluated.val_bpb,
+        "record_val_loss": evaluated.record_val_loss,
+        "record_val_bpb": evaluated.record_val_bpb,
+        **(evaluated.dp.row() if evaluated.dp is not None else {}),
         "upload_bytes": traffic.upload_bytes,
         "download_bytes": traffic.download_bytes,
         "dense_upload_bytes": traffic.dense_upload_bytes,
@@ -208,7 +212,7 @@ def round_row(
         "declined": trained.declined,
         "clipped_updates": trained.clipped,
         "update_norm_bound": trained.norm_bound,
-        "epsilon_max": max(trained.epsilon.values()) if trained.epsilon else None,
+        "epsilon_max": max(epsilon.values()) if epsilon else None,
         "seconds": round(seconds, 3),
-        "epsilon": trained.epsilon,
+        "epsilon": epsilon,
     }

@@ -48,11 +48,13 @@ from fedglm.payload import (
     site_number,
     site_text,
 )
+from fedglm.privacy.ledger import LedgerLine
 from fedglm.protocol import RoundConfig, receipts_record
 from fedglm.server.combine import norm_bound, robust_combine, update_norm, weighted_mean
 from fedglm.server.global_model import GlobalModel
 from fedglm.server.ledger_check import LedgerCheck
 from fedglm.server.robust import ROBUST_RULES, check_trim_fraction
+from fedglm.server.site_metrics import SiteMetrics, SiteMetricsPool
 
 Weighting = Literal["uniform", "records"]
 Aggregation = Literal["mean", "trimmed-mean", "median"]
@@ -81,11 +83,18 @@ class TrainOutcome:
 
 @dataclass(frozen=True)
 class EvalOutcome:
-    """What a round's evaluation replies came to (losses only where sites declared them public)."""
+    """What a round's evaluation replies came to: the exact losses sites declared public
+    (token-weighted, and as per-record means), and the losses released under DP, as the
+    uniform mean of each site's estimate with the standard deviation of its noise
+    (`site_metrics.py`); each site's largest countersigned epsilon after it."""
 
     clients: int = 0
     val_loss: float | None = None
     val_bpb: float | None = None
+    record_val_loss: float | None = None
+    record_val_bpb: float | None = None
+    dp: SiteMetrics | None = None
+    epsilon: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class FedglmAvg:
@@ -104,6 +113,7 @@ class FedglmAvg:
         max_update_norm: float = math.inf,
         aggregation: Aggregation = "mean",
         trim_fraction: float = 0.2,
+        site_metrics: SiteMetricsPool | None = None,
     ) -> None:
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
@@ -120,6 +130,7 @@ class FedglmAvg:
         self.max_update_norm = max_update_norm
         self.aggregation = aggregation
         self.trim_fraction = trim_fraction
+        self.site_metrics = site_metrics or SiteMetricsPool(None)
         self.exhausted: set[int] = set()  # nodes that declined a round: their budget is spent
         if aggregation != "mean" and weighting != "uniform":
             log(
@@ -174,7 +185,10 @@ class FedglmAvg:
 
     def _messages(self, grid: Grid, server_round: int, fraction: float, kind: str) -> list[Message]:
         node_ids = self._nodes(grid, fraction, kind)
-        config = self.round_config(server_round).to_record()
+        settings = self.round_config(server_round)
+        if kind == MessageType.EVALUATE:
+            settings = dataclasses.replace(settings, metrics_window=self.site_metrics.window)
+        config = settings.to_record()
         # Nodes sent the same payload share one content object (it is serialized once).
         contents: dict[int, RecordDict] = {}
         messages = []
@@ -282,10 +296,34 @@ class FedglmAvg:
     def evaluate_outcome(self, server_round: int, replies: Iterable[Message]) -> EvalOutcome:
         good = _successful(replies, server_round)
         self.model.finish_evaluate(reply.metadata.src_node_id for reply in good)
-        if not good:
-            return EvalOutcome()
-        losses = _mean_metrics([_metrics(r) for r in good], ("val_loss", "val_bpb"))
-        return EvalOutcome(clients=len(good), val_loss=losses.get("val_loss"), val_bpb=losses.get("val_bpb"))
+        released: list[LedgerLine] = []
+        for reply in good:
+            try:
+                line = self.ledgers.metrics(reply, server_round, self.model.hash)
+            except PayloadError as exc:
+                node = reply.metadata.src_node_id
+                log(
+                    WARNING,
+                    "round %d: left out the metrics of node %d: %s",
+                    server_round,
+                    node,
+                    site_text(str(exc)),
+                )
+                continue
+            if line is not None:
+                released.append(line)
+        losses = _mean_metrics(
+            [_metrics(r) for r in good], ("val_loss", "val_bpb", "record_val_loss", "record_val_bpb")
+        )
+        return EvalOutcome(
+            clients=len(good),
+            val_loss=losses.get("val_loss"),
+            val_bpb=losses.get("val_bpb"),
+            record_val_loss=losses.get("record_val_loss"),
+            record_val_bpb=losses.get("record_val_bpb"),
+            dp=self.site_metrics.pool(released, server_round),
+            epsilon=self.ledgers.epsilon(),
+        )
 
     def _weights(self, metrics: list[MetricRecord], server_round: int) -> list[float]:
         if self.weighting == "uniform":

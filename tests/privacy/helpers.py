@@ -10,10 +10,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedglm.atomic import append_line
 from fedglm.config import PrivacyConfig
+from fedglm.privacy import metric_release
 from fedglm.privacy.keys import load_private_key, make_keys
 from fedglm.privacy.ledger import LedgerLine
 from fedglm.privacy.receipts import make_receipt
-from fedglm.privacy.site import RoundPlan, open_ledger, plan_round, record_round
+from fedglm.privacy.site import (
+    MetricPlan,
+    ReleaseContext,
+    RoundPlan,
+    open_ledger,
+    plan_metric_release,
+    plan_round,
+    record_metric_release,
+    record_round,
+)
 
 
 @dataclass
@@ -74,14 +84,43 @@ def release(
         privacy,
         site.key,
         count_public=False,
+        release=context(server_round),
+        update_sent=f"{server_round:064x}",
+    )
+
+
+def context(server_round: int) -> ReleaseContext:
+    return ReleaseContext(
         client="site-a",
         run="run-1",
         server_round=server_round,
         precision="fp32",
         model_received="ab" * 32,
-        update_sent=f"{server_round:064x}",
         config_digest="cd" * 32,
     )
+
+
+def release_metrics(site: Site, privacy: PrivacyConfig, *, server_round: int) -> LedgerLine | None:
+    """Plan a metric release and, unless declined, record it as a site does."""
+    lines = site.lines()
+    plan = plan_metric_release(privacy, lines)
+    if not isinstance(plan, MetricPlan):
+        return None
+    per_record = [(3.0 + 0.01 * i, 1.5) for i in range(100)]
+    released = metric_release.release(per_record, WINDOW, plan.noise_multiplier)
+    return record_metric_release(
+        site.ledger,
+        lines,
+        plan,
+        released,
+        privacy,
+        site.key,
+        count_public=False,
+        release=context(server_round),
+    )
+
+
+WINDOW = metric_release.Window((3.0, 1.5), (2.0, 1.0))
 
 
 def ledger_of(tmp_path: Path, rounds: int = 4, sigma: float = 1.0) -> Site:

@@ -53,6 +53,8 @@ def edited(value: Any) -> Any:
         return value + 1
     if isinstance(value, float):
         return value * 1.5 + 0.001
+    if isinstance(value, dict):
+        return {**value, "count": 1.0}
     return "0" + value[1:] if value[:1] != "0" else "1" + value[1:]
 
 

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from fedglm.config import PrivacyConfig
+from fedglm.config.site import MetricsPrivacyConfig
 from fedglm.errors import InputError
 from fedglm.privacy.accounting import Release, epsilon
+from fedglm.privacy.ledger import release_of
 from fedglm.privacy.site import Decline, RoundPlan, history, plan_round, sample_rate
 from fedglm.training import private_steps_for
-from tests.privacy.helpers import new_site, release
+from tests.privacy.helpers import new_site, release, release_metrics
 
 SIGMA, Q, STEPS = 1.0, 0.05, 20
 
@@ -58,13 +60,37 @@ def test_a_crash_between_the_ledger_write_and_the_upload_counts_as_spent(tmp_pat
 
 
 def test_calibration_spends_the_budget_over_the_planned_rounds(tmp_path: Path) -> None:
-    privacy = PrivacyConfig(epsilon=3.0, sample_rate=Q)
+    privacy = PrivacyConfig(epsilon=3.0, sample_rate=Q, metrics=MetricsPrivacyConfig(enabled=False))
     site = new_site(tmp_path)
     lines = [release(site, privacy, server_round=r, planned_rounds=3) for r in (1, 2, 3)]
     assert all(line is not None for line in lines)
     final = lines[-1]
     assert final is not None and 2.95 < final.entry["epsilon"] <= 3.0
     assert release(site, privacy, server_round=4, planned_rounds=3) is None  # the budget is spent
+
+
+def test_calibration_leaves_room_for_a_metric_release_each_round_and_the_bases(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(epsilon=3.0, sample_rate=Q)
+    site = new_site(tmp_path)
+    lines = [release_metrics(site, privacy, server_round=0)]
+    for server_round in (1, 2, 3):
+        lines += [
+            release(site, privacy, server_round=server_round, planned_rounds=3),
+            release_metrics(site, privacy, server_round=server_round),
+        ]
+    assert all(line is not None for line in lines)
+    final = lines[-1]
+    assert final is not None and 2.95 < final.entry["epsilon"] <= 3.0
+    assert [release_of(line.entry) for line in site.lines()] == ["metrics", "update"] * 3 + ["metrics"]
+    without = PrivacyConfig(epsilon=3.0, sample_rate=Q, metrics=MetricsPrivacyConfig(enabled=False))
+    sigmas = [
+        plan_round(p, [], q=Q, steps=20, planned_rounds=3, n_train=1000, expected_batch=16.0)
+        for p in (privacy, without)
+    ]
+    assert isinstance(sigmas[0], RoundPlan) and isinstance(sigmas[1], RoundPlan)
+    assert sigmas[0].sigma > sigmas[1].sigma  # the training noise pays for the metrics
+    assert release(site, privacy, server_round=4, planned_rounds=3) is None  # the budget is spent
+    assert release_metrics(site, privacy, server_round=4) is None
 
 
 def test_delta_must_be_below_one_over_the_records(tmp_path: Path) -> None:

@@ -48,6 +48,8 @@ def entry(**changes: Any) -> dict[str, Any]:
         "config_hash": "cd" * 32,
         "prev": GENESIS,
         "time": "2026-11-21T00:00:00+00:00",
+        "release": "update",
+        "metrics": {},
     }
     fields.update(changes)
     fields["key"] = key_id(SITE_KEY.public_key()) if "key" not in changes else changes["key"]
@@ -84,11 +86,12 @@ def test_a_matching_entry_is_countersigned_and_the_receipt_sent_once(desk: Count
     [
         ({"round": 2}, BLOB, 3, BASE, "round"),
         ({"run": "run-0"}, BLOB, 3, BASE, "run"),
-        ({}, BLOB + b"!", 3, BASE, "update sent"),
+        ({}, BLOB + b"!", 3, BASE, "what was sent"),
         ({}, BLOB, 3, bytes(32), "model received"),
         ({"epsilon": 9.0}, BLOB, 3, BASE, "epsilon within budget"),
         ({"client": "../../etc"}, BLOB, 3, BASE, "client is a site name"),
-        ({"sampler": "shuffle"}, BLOB, 3, BASE, "unit and sampler"),
+        ({"sampler": "shuffle"}, BLOB, 3, BASE, "needs sampler poisson"),
+        ({"unit": "patient"}, BLOB, 3, BASE, "unit"),
     ],
 )
 def test_a_mismatching_entry_is_refused(
@@ -127,6 +130,6 @@ def test_malformed_ledger_records_are_refused(desk: Countersigner, record: dict[
 def test_a_site_is_accepted_once_a_round(desk: Countersigner) -> None:
     """A second node sending the same site's update (a resend is no new contribution)."""
     desk.countersign(7, ledger_record(entry()), BLOB, 3, BASE)
-    with pytest.raises(PayloadError, match="a second update from 'site-a' this round") as raised:
+    with pytest.raises(PayloadError, match="a second update release from 'site-a' this round") as raised:
         desk.countersign(8, ledger_record(entry()), BLOB, 3, BASE)
     assert raised.value.reason == "duplicate-site"
