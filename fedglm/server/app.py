@@ -42,7 +42,7 @@ from fedglm.server.public_eval import PublicEval
 from fedglm.server.rounds import run_rounds
 from fedglm.server.selection import clear as clear_best
 from fedglm.server.selection import select
-from fedglm.server.site_metrics import SiteMetricsPool
+from fedglm.server.site_metrics import SiteMetrics, SiteMetricsPool
 from fedglm.server.strategy import FedglmAvg
 
 app = ServerApp()
@@ -194,9 +194,7 @@ def make_strategy(spec: RunSpec, start: Start) -> FedglmAvg:
     )
 
 
-def _last_estimate(out_dir: Path, start: Start) -> tuple[float, float] | None:
+def _last_estimate(out_dir: Path, start: Start) -> SiteMetrics | None:
     """The last finished round's pooled DP metrics (the next window's centre), on a resume."""
     rows = metrics.read_rows(out_dir) if start.first_round > 1 else []
-    last = rows[-1] if rows else {}
-    loss, bpb = last.get("dp_val_loss"), last.get("dp_val_bpb")
-    return (float(loss), float(bpb)) if loss is not None and bpb is not None else None
+    return SiteMetrics.from_row(rows[-1]) if rows else None

@@ -108,7 +108,7 @@ class Countersigner:
             "the site's pinned key": self.site_keys.get(client, site_key_id) == site_key_id,
             "run": entry["run"] == self.run_key,
             "round": entry["round"] == server_round,
-            f"an {release} release": release_of(entry) == release,
+            f"release {release}": release_of(entry) == release,
             "model received": entry["model_received"] == base.hex(),
             "what was sent": entry["update_sent"] == sent,
             "unit": all(x.entry["unit"] == "record" for x in lines),

@@ -1,7 +1,9 @@
 """The sites' validation metrics released under DP, as the coordinator pools them.
 
 Each evaluation asks the sites for their metrics in a window (`federation.site_metrics`):
-round 0's is wide, each later round's is centred on the previous round's pooled estimate.
+round 0's is wide, each later round's is centred on the previous round's pooled estimate,
+with the configured radius or, while that estimate is noisier (small validation sets), three
+times its noise, so that a noisy centre does not clip the sites' records to a wrong value.
 Each site that releases them sends a countersigned ledger line holding its noisy sums and
 count (`privacy/metric_release.py`); a line for another window than the one asked for is
 left out. The round's `dp_val_loss` (and `dp_val_bpb`) is the uniform mean of the sites'
@@ -15,12 +17,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from logging import WARNING
+from typing import Any
 
 from flwr.common import log
 
 from fedglm.config import SiteMetricsConfig
 from fedglm.privacy.ledger import LedgerLine
 from fedglm.privacy.metric_release import MAX_WINDOW, Released, Window, estimate
+
+NOISE_MARGIN = 3.0  # a window's radius is at least this many times its centre's noise std
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,15 @@ class SiteMetrics:
     loss_noise: float
     bpb_noise: float
     sites: int
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> SiteMetrics | None:
+        """A round's pooled estimates as `metrics.jsonl` holds them (None: that round had none)."""
+        keys = ("dp_val_loss", "dp_val_bpb", "dp_val_noise", "dp_val_bpb_noise", "dp_sites")
+        if any(row.get(key) is None for key in keys):
+            return None
+        loss, bpb, loss_noise, bpb_noise = (float(row[key]) for key in keys[:4])
+        return cls(loss, bpb, loss_noise, bpb_noise, int(row["dp_sites"]))
 
     def row(self) -> dict[str, float | int]:
         return {
@@ -46,17 +60,27 @@ class SiteMetrics:
 class SiteMetricsPool:
     """The window each evaluation asks for, and the pooled estimates of the replies."""
 
-    def __init__(self, config: SiteMetricsConfig | None, previous: tuple[float, float] | None = None) -> None:
+    def __init__(self, config: SiteMetricsConfig | None, previous: SiteMetrics | None = None) -> None:
         self.config = config
         self.window: Window | None = None
         if config is not None:
             first = Window(config.first_centre, config.first_radius)
             self.window = first if previous is None else self._around(previous)
 
-    def _around(self, centre: tuple[float, float]) -> Window:
+    def _around(self, estimate: SiteMetrics) -> Window:
+        """The next window: centred on `estimate`, wide enough for its noise (module docstring)."""
         assert self.config is not None
-        inside = (min(max(centre[0], -MAX_WINDOW), MAX_WINDOW), min(max(centre[1], -MAX_WINDOW), MAX_WINDOW))
-        return Window(inside, self.config.radius)
+        centre = [min(max(value, -MAX_WINDOW), MAX_WINDOW) for value in (estimate.loss, estimate.bpb)]
+        radius = [
+            min(max(radius, NOISE_MARGIN * noise), max(radius, widest))
+            for radius, noise, widest in zip(
+                self.config.radius,
+                (estimate.loss_noise, estimate.bpb_noise),
+                self.config.first_radius,
+                strict=True,
+            )
+        ]
+        return Window((centre[0], centre[1]), (radius[0], radius[1]))
 
     def pool(self, lines: list[LedgerLine], server_round: int) -> SiteMetrics | None:
         """The pooled estimates of the countersigned metric lines `lines`; the next window
@@ -85,5 +109,5 @@ class SiteMetricsPool:
             bpb_noise=math.sqrt(sum(e.bpb_std**2 for e in estimates)) / n,
             sites=n,
         )
-        self.window = self._around((pooled.loss, pooled.bpb))
+        self.window = self._around(pooled)
         return pooled

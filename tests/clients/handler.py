@@ -82,6 +82,7 @@ def train_message(
     server_round: int = 1,
     extra: Mapping[str, Any] | None = None,
     uplink: tuple[str, float] = ("topk", 0.5),
+    message_type: str = MessageType.TRAIN,
 ) -> tuple[Message, Broadcast]:
     """The coordinator's TRAIN message of a run from the base folder `base` (its hash announced).
 
@@ -117,6 +118,6 @@ def train_message(
         group_id="",
         created_at=time.time(),
         ttl=600.0,
-        message_type=MessageType.TRAIN,
+        message_type=message_type,
     )
     return Message(content=content, metadata=metadata), broadcast

@@ -11,10 +11,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
+from fedglm.atomic import append_line
 from fedglm.cli.main import app
+from fedglm.config import PrivacyConfig
+from fedglm.privacy.accounting import Release
+from fedglm.privacy.audit import dp_accounting_epsilon
 from fedglm.privacy.keys import make_keys, public_pem
-from fedglm.privacy.ledger import sign_line
-from tests.privacy.helpers import Site, ledger_of
+from fedglm.privacy.ledger import FORMAT_2, GENESIS, sign_line
+from fedglm.privacy.receipts import make_receipt
+from tests.privacy.helpers import Site, ledger_of, new_site, release, release_metrics
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +190,62 @@ def test_a_hostile_line_fails_the_audit_with_one_line(site: Site, tmp_path: Path
     ledger.write_text(site.ledger.read_text() + bad + "\n")
     code, _, err = audit(site, ledger=ledger)
     assert code == 1 and "line 4: not one unambiguous JSON object" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def with_metrics(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    """Three rounds, each followed by a release of the validation metrics, and the base's first."""
+    site = new_site(tmp_path_factory.mktemp("audit-metrics"))
+    privacy = PrivacyConfig(noise_multiplier=1.0, epsilon=50.0, sample_rate=0.05)
+    lines = [release_metrics(site, privacy, server_round=0)]
+    for server_round in (1, 2, 3):
+        lines += [
+            release(site, privacy, server_round=server_round),
+            release_metrics(site, privacy, server_round=server_round),
+        ]
+    for line in lines:
+        assert line is not None
+        append_line(site.receipts, json.dumps(make_receipt(line, site.server_key)))
+    (site.state_dir / "receipt.pub").write_text(public_pem(site.server_key.public_key()))
+    return site
+
+
+def test_metric_releases_are_recomputed_and_their_cost_reported(with_metrics: Site) -> None:
+    site = with_metrics
+    server = ["--server-key", str(site.state_dir / "receipt.pub"), "--receipts", str(site.receipts)]
+    code, out, _ = audit(site, *server)
+    assert code == 0, out
+    assert "4 release(s) of validation metrics under DP" in out
+    code, out, _ = audit(site, *server, "--json")
+    report = json.loads(out)
+    assert [r["release"] for r in report["rows"]] == ["metrics", "update"] * 3 + ["metrics"]
+    for row in report["rows"]:
+        assert abs(row["claimed"] - row["pld"]) <= 0.01 * row["pld"]
+    updates = [r for r in report["rows"] if r["release"] == "update"]
+    alone = dp_accounting_epsilon([Release(r["sigma"], r["q"], r["steps"]) for r in updates], 1e-5, "pld")
+    assert report["epsilon_without_metrics"] == pytest.approx(alone)
+    assert alone < report["rows"][-1]["pld"]
+
+
+def test_a_metric_release_claiming_too_little_fails(with_metrics: Site, tmp_path: Path) -> None:
+    claimed = json.loads(with_metrics.ledger.read_text().splitlines()[-1])["entry"]["epsilon"]
+    code, _, err = audit(with_metrics, ledger=_re_signed(with_metrics, tmp_path, epsilon=claimed * 0.97))
+    assert code == 1 and "below dp-accounting PLD's" in err
+
+
+def test_a_ledger_of_format_2_still_audits(site: Site, tmp_path: Path) -> None:
+    """Lines written before metric releases existed: updates, without `release` and `metrics`."""
+    old = []
+    prev = GENESIS
+    for raw in site.ledger.read_text().splitlines():
+        entry = json.loads(raw)["entry"]
+        entry = {k: v for k, v in entry.items() if k not in ("release", "metrics")}
+        entry |= {"format": FORMAT_2, "prev": prev}
+        signed = sign_line(entry, site.key)
+        prev = signed["hash"]
+        old.append(json.dumps(signed))
+    path = tmp_path / "old.jsonl"
+    path.write_text("\n".join(old) + "\n")
+    code, out, err = audit(site, "--json", ledger=path)
+    assert code == 3, err  # sound, but the receipts countersigned the format-3 lines
+    assert [r["release"] for r in json.loads(out)["rows"]] == ["update"] * 3

@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedglm.compression import PayloadError
 from fedglm.privacy.keys import key_id, public_pem
-from fedglm.privacy.ledger import FORMAT, GENESIS, sign_line
+from fedglm.privacy.ledger import FORMAT, GENESIS, entry_hash, sign_line
 from fedglm.privacy.receipts import read_receipts, receipt_ok
+from fedglm.privacy.site import metrics_digest
 from fedglm.server.countersign import Countersigner
 
 BLOB = b"compressed update bytes"
@@ -133,3 +134,65 @@ def test_a_site_is_accepted_once_a_round(desk: Countersigner) -> None:
     with pytest.raises(PayloadError, match="a second update release from 'site-a' this round") as raised:
         desk.countersign(8, ledger_record(entry()), BLOB, 3, BASE)
     assert raised.value.reason == "duplicate-site"
+
+
+VALUES = {"centre": [8.0, 4.0], "radius": [8.0, 4.0], "sums": [-120.5, -80.25], "count": 101.5}
+
+
+def metrics_entry(**changes: Any) -> dict[str, Any]:
+    """A site's release of its validation metrics (the Gaussian mechanism, `metric_release.py`)."""
+    values = changes.pop("metrics", VALUES)
+    fields = {
+        "release": "metrics",
+        "sampler": "none",
+        "q": 1.0,
+        "steps": 1,
+        "clip_norm": 1.0,
+        "sigma": 5.0,
+        "mode": "gaussian",
+        "expected_batch": 1.0,
+        "metrics": values,
+        "update_sent": metrics_digest(values),
+        "epsilon": 0.73,
+    }
+    return entry(**{**fields, **changes})
+
+
+def test_a_metric_release_is_countersigned_beside_the_rounds_update(desk: Countersigner) -> None:
+    line = desk.countersign(7, ledger_record(metrics_entry(round=3)), None, 3, BASE)
+    assert line.entry["metrics"] == VALUES
+    update = entry(sequence=1, prev=line.hash, epsilon=1.5)
+    desk.countersign(7, ledger_record(update), BLOB, 3, BASE)  # the same round's update: another release
+    assert len(desk.receipt_for(7)) == 2
+    with pytest.raises(PayloadError, match="a second metrics release"):
+        desk.countersign(
+            7, ledger_record(metrics_entry(sequence=2, prev=entry_hash(update), epsilon=2.0)), None, 3, BASE
+        )
+
+
+@pytest.mark.parametrize(
+    ("line", "update", "what"),
+    [
+        # values changed after the digest was taken: what was sent is not what is recorded
+        (lambda: dict(metrics_entry(), metrics={**VALUES, "count": 5000.0}), None, "what was sent"),
+        # an update's line sent as the metrics (and the reverse)
+        (lambda: entry(), None, "release metrics"),
+        (lambda: metrics_entry(), BLOB, "release update"),
+        # metrics of another model than the one evaluated
+        (lambda: metrics_entry(model_received="00" * 32), None, "model received"),
+    ],
+)
+def test_a_metric_line_that_does_not_match_is_refused(
+    desk: Countersigner, line: Any, update: bytes | None, what: str
+) -> None:
+    with pytest.raises(PayloadError, match=what) as raised:
+        desk.countersign(7, ledger_record(line()), update, 3, BASE)
+    assert raised.value.reason == "bad-ledger"
+    assert desk.receipt_for(7) == []
+
+
+def test_a_metric_line_with_sampling_or_another_sensitivity_is_malformed(desk: Countersigner) -> None:
+    """A metrics line claiming subsampling (q < 1) or a clip other than 1 would understate epsilon."""
+    for changes in ({"q": 0.01}, {"clip_norm": 0.5}, {"sampler": "poisson"}, {"steps": 2}):
+        with pytest.raises(PayloadError, match="a metrics line needs sampler none, q 1"):
+            desk.countersign(7, ledger_record(metrics_entry(**changes)), None, 3, BASE)
