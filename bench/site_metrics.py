@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedglm import metrics  # noqa: E402
+from fedglm.layout import DONE_NAME  # noqa: E402
 from fedglm.partition import partition_corpus  # noqa: E402
 from fedglm.privacy.accounting import calibrate_sigma  # noqa: E402
 from fedglm.privacy.audit import dp_accounting_epsilon  # noqa: E402
@@ -71,6 +72,10 @@ def config(sites: list[Path], *, rounds: int, share_loss: bool, base: Path | Non
 
 
 def simulate(out: Path, text: str) -> list[dict[str, Any]]:
+    """The rows of a `fedglm simulate` run of config `text` (a finished run in `out` is kept)."""
+    if (out / DONE_NAME).exists():
+        print(f"{out}: finished before, kept")
+        return metrics.read_rows(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(text)
@@ -114,7 +119,11 @@ def main() -> None:
     public = simulate(
         args.out / "public",
         config(
-            sites, rounds=args.rounds, share_loss=True, base=args.out / "private" / "base", public=args.public
+            sites,
+            rounds=args.rounds,
+            share_loss=True,
+            base=args.out / "private/base/model",
+            public=args.public,
         ),
     )
 

@@ -8,7 +8,16 @@ from flwr.app import ConfigRecord, RecordDict
 from fedglm.config import FederationConfig, LinkConfig, ModelConfig, TrainConfig
 from fedglm.errors import InputError
 from fedglm.payload import RECEIPT_KEY, PayloadError
-from fedglm.protocol import BASE_HASH_KEY, MASK_KEY, RoundConfig, read_receipts, receipts_record
+from fedglm.privacy.metric_release import Window
+from fedglm.protocol import (
+    BASE_HASH_KEY,
+    CENTRE_KEY,
+    MASK_KEY,
+    RADIUS_KEY,
+    RoundConfig,
+    read_receipts,
+    receipts_record,
+)
 
 
 def full_config(**changes: object) -> RoundConfig:
@@ -30,6 +39,7 @@ def full_config(**changes: object) -> RoundConfig:
         "uplink": LinkConfig(codec="topk", density=0.05, selection="per-tensor"),
         "mask": '{"heads": [[0, 1]], "channels": [[0]]}',
         "base_hash": "ab" * 32,
+        "metrics_window": Window((6.5, 3.25), (2.0, 1.0)),
     }
     settings.update(changes)
     return RoundConfig(**settings)  # type: ignore[arg-type]
@@ -49,7 +59,16 @@ def test_a_round_config_round_trips_including_nulls() -> None:
 
 def test_the_wire_keys_stay_what_sites_of_earlier_releases_read() -> None:
     record = full_config().to_record()
-    assert {"seed", "server-round", "rounds", "run-key", MASK_KEY, BASE_HASH_KEY} <= set(record)
+    assert {
+        "seed",
+        "server-round",
+        "rounds",
+        "run-key",
+        MASK_KEY,
+        BASE_HASH_KEY,
+        CENTRE_KEY,
+        RADIUS_KEY,
+    } <= set(record)
     assert {"uplink.codec", "uplink.density", "uplink.selection", "model.init_seed", "train.lr"} <= set(
         record
     )
@@ -67,6 +86,7 @@ def test_a_stock_flower_config_reads_with_defaults() -> None:
         None,
         "",
     )
+    assert config.metrics_window is None  # no DP metrics asked for
 
 
 @pytest.mark.parametrize(
@@ -83,6 +103,10 @@ def test_a_stock_flower_config_reads_with_defaults() -> None:
         ("train.lora_targets", ["qkv"], InputError, "lora_targets"),
         # a coordinator still describing the retired decoder's shape is refused, not half-read
         ("model.d_model", 64, InputError, "unknown key 'd_model'"),
+        # a window a site cannot use for its metric release
+        (CENTRE_KEY, [1.0], PayloadError, "lists of two numbers"),
+        (RADIUS_KEY, [0.0, 1.0], PayloadError, "radii in"),
+        (CENTRE_KEY, [float("nan"), 1.0], PayloadError, "finite"),
     ],
 )
 def test_a_bad_key_is_named(key: str, value: object, error: type[Exception], match: str) -> None:

@@ -37,10 +37,14 @@ def test_simulate_two_sites_two_rounds(tmp_path: Path, tiny_base: Path) -> None:
     all_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in all_rows] == [0, 1, 2]
     base_row, rows = all_rows[0], all_rows[1:]
-    # round 0: the base evaluated at both sites, nothing trained, no privacy spent
-    assert base_row["train_loss"] is None and base_row["clients"] == 0 and base_row["epsilon"] == {}
+    # round 0: the base evaluated at both sites, nothing trained; only the metrics released
+    # under DP spent anything (one Gaussian mechanism at z = 5 each)
+    assert base_row["train_loss"] is None and base_row["clients"] == 0
+    assert base_row["epsilon"] == pytest.approx({"site-1": 0.7263, "site-2": 0.7263}, abs=1e-3)
     assert base_row["val_loss"] > rows[0]["val_loss"]
     assert base_row["download_bytes"] * 20 < base_row["dense_download_bytes"]  # sites build it themselves
+    for row in all_rows:  # the sites' losses released under DP, pooled, within the window asked
+        assert row["dp_sites"] == 2 and 0 <= row["dp_val_loss"] <= 16 and row["dp_val_noise"] > 0
     for row in rows:
         assert set(REQUIRED_KEYS) <= set(row)
         assert row["clients"] == 2
@@ -73,7 +77,8 @@ def test_simulate_two_sites_two_rounds(tmp_path: Path, tiny_base: Path) -> None:
         )
         assert audit.exit_code == 0, audit.output
         report = json.loads(audit.stdout)
-        assert [r["receipt"] for r in report["rows"]] == ["ok", "ok"]
+        assert [r["receipt"] for r in report["rows"]] == ["ok"] * 5
+        assert [r["release"] for r in report["rows"]] == ["metrics", "update", "metrics", "update", "metrics"]
         assert report["rows"][-1]["claimed"] == rows[1]["epsilon"][site]
     # the release: teacher and student folders, exported files with passing parity, and a card
     # stating each site's epsilon
@@ -135,7 +140,13 @@ def test_sites_decline_when_their_budget_is_spent_and_the_run_ends(tmp_path: Pat
     assert 1.9 < rows[1]["epsilon_max"] <= 2.0
     for site in ("site-1", "site-2"):
         ledger = out / "sites" / site / "state" / "privacy" / "ledger.jsonl"
-        assert len(ledger.read_text().splitlines()) == 1  # the declined round spent nothing
+        entries = [json.loads(line)["entry"] for line in ledger.read_text().splitlines()]
+        # the base's metrics, round 1 and its metrics; the declined round spent nothing
+        assert [(e["release"], e["round"]) for e in entries] == [
+            ("metrics", 0),
+            ("update", 1),
+            ("metrics", 1),
+        ]
     assert "fewer than dense" in result.output
     # Each site kept its copy of the global model and its residual between messages.
     for site in ("site-1", "site-2"):

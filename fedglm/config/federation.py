@@ -230,6 +230,8 @@ class FederationConfig(Section):
             raise ValueError(f"pruning.schedule has round {late[0]}, after the last round ({self.rounds})")
         if self.selection and self.selection.metric == "public_val_loss" and self.public_eval is None:
             raise ValueError("selection.metric public_val_loss needs a public_eval section (public text)")
+        if self.selection and self.selection.metric == "dp_val_loss" and self.site_metrics is None:
+            raise ValueError("selection.metric dp_val_loss needs site_metrics (the sites' loss under DP)")
         return self
 
 

@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.common import MessageType
 
-from fedglm.clients.app import train
+from fedglm.clients.app import evaluate_global, train
 from fedglm.config import PrivacyConfig, TrainConfig
 from fedglm.errors import InputError
 from fedglm.payload import LEDGER_KEY, read_payload
 from fedglm.privacy.site import LEDGER_FILE, SENT_FILE, privacy_dir
+from fedglm.protocol import CENTRE_KEY, RADIUS_KEY
 from fedglm.server.countersign import Countersigner
 from tests.clients.handler import coordinator_state, site_context, train_message
 
@@ -68,3 +71,20 @@ def test_a_round_asked_again_whose_update_is_gone_is_refused(tmp_path: Path, tin
     with pytest.raises(InputError, match="its update is no longer kept"):
         train(train_message(tiny_base, TRAIN)[0], context)
     assert len(_ledger_lines(tmp_path)) == 1
+
+
+def test_a_round_asked_again_after_its_metrics_were_released_gets_the_same_update(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """Train round 1, release round 1's metrics, then the coordinator (resumed from round 0's
+    checkpoint) asks for round 1 again: the update is sent again, the metrics line between
+    the two changes nothing, and no new entry is written."""
+    context = site_context(tmp_path, [f"note {i}: stable" for i in range(30)], PRIVACY, base=tiny_base)
+    first = train(train_message(tiny_base, TRAIN)[0], context)
+    window = {CENTRE_KEY: [8.0, 4.0], RADIUS_KEY: [8.0, 4.0]}
+    evaluated, _ = train_message(tiny_base, TRAIN, extra=window, message_type=MessageType.EVALUATE)
+    evaluate_global(evaluated, context)
+    assert [json.loads(x)["entry"]["release"] for x in _ledger_lines(tmp_path)] == ["update", "metrics"]
+    second = train(train_message(tiny_base, TRAIN)[0], context)
+    assert read_payload(second.content) == read_payload(first.content)
+    assert len(_ledger_lines(tmp_path)) == 2

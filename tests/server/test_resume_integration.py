@@ -73,7 +73,11 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths,
         # Mid-round 2: a site has spent its budget on round 2, the coordinator has not finished it
         # (after round 0, the evaluation of the base, and round 1). The waits are long because a
         # loaded 2-core machine takes minutes a round; on a quiet one they end in about one.
-        _wait_for(lambda: max(_entries(tmp_path / f"state-{i}") for i in (1, 2)) == 2, 900, "round 2 spent")
+        _wait_for(
+            lambda: any(("update", 2) in _entries(tmp_path / f"state-{i}") for i in (1, 2)),
+            900,
+            "round 2 spent",
+        )
         tree = _descendants(first.pid)
         assert any("serverapp" in command for command in tree.values()), tree
         first.send_signal(signal.SIGKILL)  # no chance to clean up: its Flower processes must die with it
@@ -96,13 +100,18 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths,
 
     assert _rounds(out) == [0, 1, 2]  # round 0: the base evaluated once, kept across the restart
     assert f"Resuming from the checkpoint of round {checkpoint.round}" in (out / "serverapp.log").read_text()
-    for i in (1, 2):  # each round spent once at each site
-        ledger = (tmp_path / f"state-{i}" / "privacy" / "ledger.jsonl").read_text().splitlines()
-        assert [json.loads(line)["entry"]["round"] for line in ledger] == [1, 2]
+    for i in (1, 2):  # each round, and each evaluation's metrics, spent once at each site
+        assert _entries(tmp_path / f"state-{i}") == [
+            ("metrics", 0),
+            ("update", 1),
+            ("metrics", 1),
+            ("update", 2),
+            ("metrics", 2),
+        ]
     final = load_checkpoint(out)
     assert final is not None and final.round == 2
     assert all(p.returncode == 0 for p in clients), [p.returncode for p in clients]
-    # both rounds are in each site's ledger, countersigned across the coordinator's restart
+    # every line is in each site's ledger, countersigned across the coordinator's restart
     for i in (1, 2):
         audit = subprocess.run(
             [
@@ -122,12 +131,15 @@ def test_killed_server_resumes_from_checkpoint(tmp_path: Path, certs: CertPaths,
             text=True,
         )
         assert audit.returncode == 0, audit.stderr
-        assert [r["receipt"] for r in json.loads(audit.stdout)["rows"]] == ["ok", "ok"]
+        assert [r["receipt"] for r in json.loads(audit.stdout)["rows"]] == ["ok"] * 5
 
 
-def _entries(state_dir: Path) -> int:
+def _entries(state_dir: Path) -> list[tuple[str, int]]:
+    """(release, round) of each line of the site's ledger."""
     ledger = state_dir / "privacy" / "ledger.jsonl"
-    return len(ledger.read_text().splitlines()) if ledger.exists() else 0
+    lines = ledger.read_text().splitlines() if ledger.exists() else []
+    entries = [json.loads(line)["entry"] for line in lines if line.endswith("}")]
+    return [(entry["release"], entry["round"]) for entry in entries]
 
 
 def _descendants(root: int) -> dict[int, str]:

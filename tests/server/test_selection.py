@@ -68,3 +68,13 @@ def test_selecting_by_public_loss_needs_public_text() -> None:
         FederationConfig.model_validate({"selection": {"patience": 2}})
     FederationConfig.model_validate({"selection": {"metric": "val_loss"}})
     FederationConfig.model_validate({"selection": {}, "public_eval": {}})
+
+
+def test_selecting_by_the_sites_loss_under_dp_needs_it_asked_for() -> None:
+    FederationConfig.model_validate({"selection": {"metric": "dp_val_loss"}})  # asked for by default
+    with pytest.raises(ValueError, match="dp_val_loss needs site_metrics"):
+        FederationConfig.model_validate({"selection": {"metric": "dp_val_loss"}, "site_metrics": None})
+    cfg = SelectionConfig(metric="dp_val_loss", min_delta=0.05)
+    assert best_round([{"round": 0, "dp_val_loss": 6.0}, {"round": 1, "dp_val_loss": 5.97}], cfg) == Best(
+        0, 6.0
+    )
