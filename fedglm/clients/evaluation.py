@@ -4,11 +4,11 @@ The site scores the model it received on its validation records, record by recor
 sends back: the exact loss and bits per byte only if it declared them public (`share.loss`:
 token-weighted, `val_loss` and `val_bpb`, and per-record means, `record_val_loss` and
 `record_val_bpb`); and, when the coordinator names a window for the metrics (`metrics.centre`,
-`metrics.radius`) and the site has `privacy.metrics.enabled` releases its mean validation loss
-and bits per byte through the Gaussian mechanism (`privacy/metric_release.py`), under its
-privacy lock like a training round: keep the coordinator's receipts, plan the release from
-the verified ledger (or decline it: the budget), noise the clipped per-record values, append
-the signed line that holds them (fsynced), reply with that line. Asked again for the same
+`metrics.radius`) and the site has `privacy.metrics.enabled`, its mean validation loss and
+bits per byte released through the Gaussian mechanism (`privacy/metric_release.py`), under
+its privacy lock like a training round: keep the coordinator's receipts, plan the release
+from the verified ledger (or decline it: the budget), noise the clipped per-record values,
+append the signed line that holds them (fsynced), reply with that line. Asked again for the same
 round's metrics on the same model (the coordinator resumed the round), the site sends the
 line it holds, at no new cost; on another model it refuses.
 """
