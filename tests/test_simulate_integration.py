@@ -43,7 +43,7 @@ def test_simulate_two_sites_two_rounds(tmp_path: Path, tiny_base: Path) -> None:
     assert base_row["epsilon"] == pytest.approx({"site-1": 0.7263, "site-2": 0.7263}, abs=1e-3)
     assert base_row["val_loss"] > rows[0]["val_loss"]
     assert base_row["download_bytes"] * 20 < base_row["dense_download_bytes"]  # sites build it themselves
-    for row in all_rows:  # the sites' losses released under DP, pooled, within the window asked
+    for row in all_rows:  # the sites' losses released under DP, pooled, within the first window
         assert row["dp_sites"] == 2 and 0 <= row["dp_val_loss"] <= 16 and row["dp_val_noise"] > 0
     for row in rows:
         assert set(REQUIRED_KEYS) <= set(row)

@@ -3,7 +3,8 @@
 Each evaluation asks the sites for their metrics in a window (`federation.site_metrics`):
 round 0's is wide, each later round's is centred on the previous round's pooled estimate,
 with the configured radius or, while that estimate is noisier (small validation sets), three
-times its noise, so that a noisy centre does not clip the sites' records to a wrong value.
+times its noise, so that a noisy centre does not clip the sites' records to a wrong value;
+every window lies inside the first one, so noise cannot walk the estimates away.
 Each site that releases them sends a countersigned ledger line holding its noisy sums and
 count (`privacy/metric_release.py`); a line for another window than the one asked for is
 left out. The round's `dp_val_loss` (and `dp_val_bpb`) is the uniform mean of the sites'
@@ -23,7 +24,7 @@ from flwr.common import log
 
 from fedglm.config import SiteMetricsConfig
 from fedglm.privacy.ledger import LedgerLine
-from fedglm.privacy.metric_release import MAX_WINDOW, Released, Window, estimate
+from fedglm.privacy.metric_release import Released, Window, estimate
 
 NOISE_MARGIN = 3.0  # a window's radius is at least this many times its centre's noise std
 
@@ -68,18 +69,22 @@ class SiteMetricsPool:
             self.window = first if previous is None else self._around(previous)
 
     def _around(self, estimate: SiteMetrics) -> Window:
-        """The next window: centred on `estimate`, wide enough for its noise (module docstring)."""
+        """The next window: centred on `estimate`, wide enough for its noise, and inside the
+        first window (which holds any loss: a centre beyond it is noise)."""
         assert self.config is not None
-        centre = [min(max(value, -MAX_WINDOW), MAX_WINDOW) for value in (estimate.loss, estimate.bpb)]
-        radius = [
-            min(max(radius, NOISE_MARGIN * noise), max(radius, widest))
-            for radius, noise, widest in zip(
-                self.config.radius,
-                (estimate.loss_noise, estimate.bpb_noise),
-                self.config.first_radius,
-                strict=True,
-            )
-        ]
+        centre, radius = [], []
+        for value, noise, wanted, first_centre, first_radius in zip(
+            (estimate.loss, estimate.bpb),
+            (estimate.loss_noise, estimate.bpb_noise),
+            self.config.radius,
+            self.config.first_centre,
+            self.config.first_radius,
+            strict=True,
+        ):
+            r = min(max(wanted, NOISE_MARGIN * noise), max(wanted, first_radius))
+            low, high = first_centre - first_radius + r, first_centre + first_radius - r
+            centre.append(first_centre if low > high else min(max(value, low), high))
+            radius.append(r)
         return Window((centre[0], centre[1]), (radius[0], radius[1]))
 
     def pool(self, lines: list[LedgerLine], server_round: int) -> SiteMetrics | None:

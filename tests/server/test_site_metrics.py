@@ -43,7 +43,14 @@ def test_round_0_asks_for_the_wide_window_then_centres_on_the_estimate() -> None
 def test_a_noisy_estimate_widens_the_next_window_up_to_the_first() -> None:
     noisy = SiteMetrics(loss=11.6, bpb=5.0, loss_noise=4.6, bpb_noise=2.0, sites=3)
     window = SiteMetricsPool(CONFIG, previous=noisy).window
-    assert window == Window((11.6, 5.0), CONFIG.first_radius)  # 3 x 4.6 capped at the first radius
+    assert window == FIRST  # 3 x 4.6 capped at the first radius: the first window again
+
+
+def test_every_window_lies_inside_the_first() -> None:
+    """Noise cannot walk the windows (and so the estimates) away round after round."""
+    edge = SiteMetrics(loss=16.0, bpb=-1.0, loss_noise=0.1, bpb_noise=0.1, sites=2)
+    window = SiteMetricsPool(CONFIG, previous=edge).window
+    assert window == Window((14.0, 1.0), CONFIG.radius)  # [12, 16] and [0, 2]
 
 
 def test_a_hostile_site_moves_the_mean_by_at_most_its_window() -> None:
