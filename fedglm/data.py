@@ -170,6 +170,9 @@ def read_labelled(
 class SiteData:
     train: list[str]
     val: list[str]
+    # True when no record fell into validation by its hash and one was moved there: then adding
+    # a record can move another between the splits, which the DP metric release does not allow.
+    forced_val: bool = False
 
 
 def split_records(records: Sequence[str], val_fraction: float, seed: int) -> SiteData:
@@ -180,14 +183,15 @@ def split_records(records: Sequence[str], val_fraction: float, seed: int) -> Sit
         digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
         draw = int.from_bytes(digest[:8], "big") / 2**64
         (val if draw < val_fraction else train).append(text)
-    if not val and len(train) > 1:
+    forced = not val and len(train) > 1
+    if forced:
         val.append(train.pop())
     if not train:
         raise InputError(
             f"only {len(records)} record(s): too few to keep any for training; add records "
             "or lower data.val_fraction"
         )
-    return SiteData(train=train, val=val)
+    return SiteData(train=train, val=val, forced_val=forced)
 
 
 def text_bytes(texts: Sequence[str]) -> int:

@@ -16,7 +16,7 @@ line it holds, at no new cost; on another model it refuses.
 from __future__ import annotations
 
 import math
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
@@ -36,6 +36,7 @@ from fedglm.privacy.site import (
     not_countersigned,
     open_ledger,
     plan_metric_release,
+    planned_metric_releases,
     record_metric_release,
     released_before,
 )
@@ -79,14 +80,28 @@ def evaluate_round(site: SiteSpec, message: Message) -> Message:
 
 
 def releases_metrics(received: Received) -> bool:
-    """Whether this evaluation releases the site's metrics under DP."""
-    privacy = received.site.privacy
-    return (
-        privacy.enabled
-        and privacy.metrics.enabled
-        and received.held is not None
-        and received.config.metrics_window is not None
-    )
+    """Whether this evaluation releases the site's metrics under DP: asked for, allowed, planned
+    for in the budget (`privacy/site.py`), and on a validation split that one record cannot
+    reshape (`data.SiteData.forced_val`)."""
+    site, config = received.site, received.config
+    if received.held is None or config.metrics_window is None:
+        return False
+    privacy = site.privacy
+    if not (privacy.enabled and privacy.metrics.enabled):
+        return False
+    if not planned_metric_releases(privacy, privacy.rounds or config.rounds or 1):
+        log(
+            WARNING,
+            "%s: the run's metric releases alone would take over half of epsilon %g; not released "
+            "(raise privacy.metrics.noise_multiplier to release them)",
+            site.name,
+            privacy.epsilon,
+        )
+        return False
+    if received.data.forced_val:
+        log(WARNING, "%s: no record fell into validation by its hash; metrics not released", site.name)
+        return False
+    return True
 
 
 def release_metrics(

@@ -135,6 +135,7 @@ def plan_private_round(received: Received, lines: list[LedgerLine], n_train: int
             privacy, q=q, n_train=n_train, count_public=site.share.record_count, batch_size=cfg.batch_size
         ),
         cache_dir=privacy_dir(state_dir(site)),
+        metrics_asked=received.config.metrics_window is not None,
     )
 
 

@@ -197,4 +197,5 @@ def make_strategy(spec: RunSpec, start: Start) -> FedglmAvg:
 def _last_estimate(out_dir: Path, start: Start) -> SiteMetrics | None:
     """The last finished round's pooled DP metrics (the next window's centre), on a resume."""
     rows = metrics.read_rows(out_dir) if start.first_round > 1 else []
-    return SiteMetrics.from_row(rows[-1]) if rows else None
+    found = [estimate for estimate in map(SiteMetrics.from_row, rows) if estimate is not None]
+    return found[-1] if found else None

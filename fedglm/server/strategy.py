@@ -185,9 +185,11 @@ class FedglmAvg:
 
     def _messages(self, grid: Grid, server_round: int, fraction: float, kind: str) -> list[Message]:
         node_ids = self._nodes(grid, fraction, kind)
-        settings = self.round_config(server_round)
-        if kind == MessageType.EVALUATE:
-            settings = dataclasses.replace(settings, metrics_window=self.site_metrics.window)
+        # The window tells sites in training rounds too that metrics will be asked for (their
+        # calibrated noise leaves room for them).
+        settings = dataclasses.replace(
+            self.round_config(server_round), metrics_window=self.site_metrics.window
+        )
         config = settings.to_record()
         # Nodes sent the same payload share one content object (it is serialized once).
         contents: dict[int, RecordDict] = {}

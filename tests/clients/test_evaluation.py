@@ -12,10 +12,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message
 from flwr.common import MessageType
 
-from fedglm.clients.app import evaluate_global
+from fedglm.clients.app import evaluate_global, train
 from fedglm.compression import PayloadError
 from fedglm.config import PrivacyConfig, ShareConfig, TrainConfig
 from fedglm.config.site import MetricsPrivacyConfig
+from fedglm.data import split_records
 from fedglm.payload import LEDGER_KEY, METRICS_KEY
 from fedglm.privacy.accounting import Release, epsilon
 from fedglm.privacy.metric_release import Released, estimate
@@ -84,7 +85,11 @@ def test_the_metrics_leave_only_noised_in_a_countersigned_line(tmp_path: Path, t
 def test_the_estimate_is_close_to_the_exact_per_record_mean(tmp_path: Path, tiny_base: Path) -> None:
     """With the losses also shared (to check), the estimate lies within 4 stated noise stds."""
     privacy = PrivacyConfig(
-        sample_rate=0.5, noise_multiplier=1.0, rounds=2, metrics=MetricsPrivacyConfig(noise_multiplier=1.0)
+        sample_rate=0.5,
+        noise_multiplier=1.0,
+        epsilon=50.0,
+        rounds=2,
+        metrics=MetricsPrivacyConfig(noise_multiplier=1.0),
     )
     context, message, _ = _evaluate(tmp_path, tiny_base, privacy=privacy, share=ShareConfig(loss=True))
     reply = evaluate_global(message, context)
@@ -106,10 +111,29 @@ def test_no_window_or_metrics_disabled_releases_nothing(tmp_path: Path, tiny_bas
 
 
 def test_a_release_past_the_budget_is_declined_and_spends_nothing(tmp_path: Path, tiny_base: Path) -> None:
-    tight = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, epsilon=0.5)  # one release is 0.73
-    context, message, _ = _evaluate(tmp_path, tiny_base, privacy=tight)
+    """Training took epsilon to 1.355; one more release (z = 12) would take it to 1.389."""
+    tight = PrivacyConfig(
+        sample_rate=0.5,
+        noise_multiplier=2.0,
+        epsilon=1.37,
+        rounds=1,
+        metrics=MetricsPrivacyConfig(noise_multiplier=12.0),
+    )
+    context = site_context(tmp_path, NOTES, tight, base=tiny_base)
+    train(train_message(tiny_base, TRAIN)[0], context)
+    message, _ = train_message(tiny_base, TRAIN, extra=WINDOW, message_type=MessageType.EVALUATE)
     ledger = evaluate_global(message, context).content.config_records[LEDGER_KEY]
-    assert "past the site's budget of 0.5" in str(ledger["declined"])
+    assert "releasing the metrics would take epsilon" in str(ledger["declined"])
+    assert "past the site's budget of 1.37" in str(ledger["declined"])
+    assert [entry["release"] for entry in _ledger(tmp_path)] == ["update"]
+
+
+def test_metrics_that_alone_would_take_half_the_budget_are_not_released(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    small = PrivacyConfig(sample_rate=0.5, noise_multiplier=1.0, epsilon=0.5)  # one release alone: 0.73
+    context, message, _ = _evaluate(tmp_path, tiny_base, privacy=small)
+    assert LEDGER_KEY not in evaluate_global(message, context).content.config_records
     assert _ledger(tmp_path) == []
 
 
@@ -118,4 +142,23 @@ def test_a_window_the_site_cannot_use_is_refused(tmp_path: Path, tiny_base: Path
     context, message, _ = _evaluate(tmp_path, tiny_base, extra=bad)
     with pytest.raises(PayloadError, match="radii in"):
         evaluate_global(message, context)
+    assert _ledger(tmp_path) == []
+
+
+def test_a_validation_split_one_record_could_reshape_releases_nothing(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """Attack on the neighbouring relation: where no record falls into validation by its hash,
+    one is moved there, and adding a record would move it back (a replacement, sensitivity
+    above 1). Such a site releases no metrics."""
+    notes = next(
+        batch
+        for batch in ([f"note {i}-{j}: stable" for j in range(4)] for i in range(1000))
+        if split_records(batch, 0.1, 0).forced_val
+    )
+    context = site_context(tmp_path, notes, PRIVACY, base=tiny_base)
+    message, _ = train_message(
+        tiny_base, TRAIN, server_round=0, extra=WINDOW, message_type=MessageType.EVALUATE
+    )
+    assert LEDGER_KEY not in evaluate_global(message, context).content.config_records
     assert _ledger(tmp_path) == []

@@ -85,3 +85,16 @@ def test_a_release_reads_back_as_written() -> None:
     released = release([(4.0, 2.0)] * 10, WINDOW, 5.0)
     assert check_released(released.as_json()) is None
     assert Released.from_json(released.as_json()) == released
+
+
+def test_a_crafted_model_that_overflows_on_a_trigger_leaks_nothing() -> None:
+    """Attack: the coordinator's model makes one record's loss NaN or infinite. Before, NaN
+    reached the released sums and the site failed to write its line (learning whether a
+    trigger record is in its validation set cost nothing). Now such a record counts at the
+    window's edge, the release is finite, and one record still moves it by at most 1."""
+    values = [(4.0, 2.0)] * 20
+    for crafted in [(math.nan, math.nan), (math.inf, -math.inf), (-math.inf, math.nan)]:
+        without = release(values, WINDOW, 1.0, np.random.default_rng(3))
+        with_one = release([*values, crafted], WINDOW, 1.0, np.random.default_rng(3))
+        assert check_released(with_one.as_json()) is None
+        assert np.linalg.norm(normalised(with_one) - normalised(without)) <= 1.0 + 1e-9

@@ -11,7 +11,7 @@ from fedglm.config.site import MetricsPrivacyConfig
 from fedglm.errors import InputError
 from fedglm.privacy.accounting import Release, epsilon
 from fedglm.privacy.ledger import release_of
-from fedglm.privacy.site import Decline, RoundPlan, history, plan_round, sample_rate
+from fedglm.privacy.site import Decline, RoundPlan, history, plan_round, planned_metric_releases, sample_rate
 from fedglm.training import private_steps_for
 from tests.privacy.helpers import new_site, release, release_metrics
 
@@ -70,7 +70,7 @@ def test_calibration_spends_the_budget_over_the_planned_rounds(tmp_path: Path) -
 
 
 def test_calibration_leaves_room_for_a_metric_release_each_round_and_the_bases(tmp_path: Path) -> None:
-    privacy = PrivacyConfig(epsilon=3.0, sample_rate=Q)
+    privacy = PrivacyConfig(epsilon=8.0, sample_rate=Q)
     site = new_site(tmp_path)
     lines = [release_metrics(site, privacy, server_round=0)]
     for server_round in (1, 2, 3):
@@ -80,9 +80,9 @@ def test_calibration_leaves_room_for_a_metric_release_each_round_and_the_bases(t
         ]
     assert all(line is not None for line in lines)
     final = lines[-1]
-    assert final is not None and 2.95 < final.entry["epsilon"] <= 3.0
+    assert final is not None and 7.95 < final.entry["epsilon"] <= 8.0
     assert [release_of(line.entry) for line in site.lines()] == ["metrics", "update"] * 3 + ["metrics"]
-    without = PrivacyConfig(epsilon=3.0, sample_rate=Q, metrics=MetricsPrivacyConfig(enabled=False))
+    without = PrivacyConfig(epsilon=8.0, sample_rate=Q, metrics=MetricsPrivacyConfig(enabled=False))
     sigmas = [
         plan_round(p, [], q=Q, steps=20, planned_rounds=3, n_train=1000, expected_batch=16.0)
         for p in (privacy, without)
@@ -106,3 +106,23 @@ def test_sampling_rate_and_steps_are_public() -> None:
     assert sample_rate(PrivacyConfig(sample_rate=None), batch_size=16, n_train=100) == 0.16
     assert private_steps_for(None, 2.0, 0.1) == 20  # expected passes over the records, from q alone
     assert private_steps_for(7, None, 0.1) == 7
+
+
+def test_metric_releases_are_reserved_only_when_asked_and_affordable() -> None:
+    privacy = PrivacyConfig(epsilon=8.0, sample_rate=Q)
+    assert planned_metric_releases(privacy, 3) == (Release(5.0, 1.0, 4),)
+    assert planned_metric_releases(privacy, 3, asked=False) == ()
+    # a small budget or a long run: the releases alone would take over half the budget, so the
+    # site keeps it all for training (before, calibration failed and the site never trained)
+    assert planned_metric_releases(PrivacyConfig(epsilon=1.0, sample_rate=Q), 3) == ()
+    assert planned_metric_releases(privacy, 100) == ()
+    plan = plan_round(
+        PrivacyConfig(epsilon=1.0, sample_rate=Q),
+        [],
+        q=Q,
+        steps=20,
+        planned_rounds=3,
+        n_train=1000,
+        expected_batch=16.0,
+    )
+    assert isinstance(plan, RoundPlan)
