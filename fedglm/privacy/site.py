@@ -12,8 +12,9 @@ The order in a round is fixed: plan (the epsilon the round would bring, against 
 train with DP-SGD, compress, keep the update, append the ledger entry (fsynced), save the
 residual, reply. An entry on disk counts as spent whether or not its update ever left.
 A release of validation metrics (`metric_release.py`) follows the same order with its own
-line: plan, evaluate and noise, append, reply. A noise multiplier calibrated to the budget
-leaves room for one metric release per planned round plus the base's (round 0).
+line: plan, evaluate and noise, append, reply. When the coordinator asks for metrics, a noise
+multiplier calibrated to the budget leaves room for one metric release per planned round plus
+the base's (round 0; `planned_metric_releases`).
 
 A round is spent once. When the coordinator asks again for a round of its run that the ledger
 already holds (it crashed mid-round and resumed from its last checkpoint), the site sends the
