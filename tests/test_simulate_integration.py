@@ -141,12 +141,9 @@ def test_sites_decline_when_their_budget_is_spent_and_the_run_ends(tmp_path: Pat
     for site in ("site-1", "site-2"):
         ledger = out / "sites" / site / "state" / "privacy" / "ledger.jsonl"
         entries = [json.loads(line)["entry"] for line in ledger.read_text().splitlines()]
-        # the base's metrics, round 1 and its metrics; the declined round spent nothing
-        assert [(e["release"], e["round"]) for e in entries] == [
-            ("metrics", 0),
-            ("update", 1),
-            ("metrics", 1),
-        ]
+        # round 1 only: the declined round spent nothing, and the run's two metric releases alone
+        # (epsilon 1.07 at z = 5) would take over half of epsilon 2, so none was made
+        assert [(e["release"], e["round"]) for e in entries] == [("update", 1)]
     assert "fewer than dense" in result.output
     # Each site kept its copy of the global model and its residual between messages.
     for site in ("site-1", "site-2"):
